@@ -1,0 +1,41 @@
+# make run   set up (virtualenv, packages) and serve http://127.0.0.1:8000 with the built-in mock model
+# make test  set up everything the tests need (Python packages, Debian packages) and run the suite
+# make bench run the benchmarks in bench/
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+ARGS ?=
+PYTEST_ARGS ?=
+# command:package pairs the tests need from Debian (installed only when missing)
+DEBIAN_TEST_PACKAGES := curl:curl
+
+.PHONY: run test bench system-deps clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/ensure-debian-packages.sh /usr/lib/python3/dist-packages/ensurepip:python3-venv
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@ $(VENV)/.installed-run
+
+system-deps:
+	@scripts/ensure-debian-packages.sh $(DEBIAN_TEST_PACKAGES)
+
+run: $(VENV)/.installed-run
+	$(BIN)/python sse_server.py --port=$(PORT) $(ARGS)
+
+test: $(VENV)/.installed-test system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache test-artifacts

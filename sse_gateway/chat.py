@@ -1,0 +1,137 @@
+"""Validation of chat completion requests (DESIGN.md §4.1).
+
+The gateway checks what it relies on and what a client most often gets wrong, with messages in
+the style of OpenAI's own (`param` names the field), and passes every other field through to the
+upstream untouched: new API fields keep working without a gateway release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import GatewayError, bad_request
+
+__all__ = ["ChatRequest", "parse_chat_request"]
+
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _type_name(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
+    return bad_request(
+        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    payload: dict[str, Any]  # the client's body, as it goes to the upstream
+    model: str
+    stream: bool
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise _invalid_type("messages", "an array", messages)
+    if not messages:
+        raise bad_request("'messages' must contain at least one message.", param="messages", code="empty_array")
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid_type(param, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise bad_request(
+                f"Missing required parameter: '{param}.role'.", param=f"{param}.role", code="missing_required_parameter"
+            )
+        if not isinstance(role, str) or not role:
+            raise _invalid_type(f"{param}.role", "a non-empty string", role)
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
+        if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
+            raise _invalid_type(f"{param}.content", "an array of content part objects", content)
+
+
+def _is_string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# Optional fields the gateway reads or that are cheap to check: name -> (type test, expected).
+_OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "stream": (lambda v: isinstance(v, bool), "a boolean"),
+    "stream_options": (lambda v: isinstance(v, dict), "an object"),
+    "max_tokens": (_is_int, "an integer"),
+    "max_completion_tokens": (_is_int, "an integer"),
+    "n": (_is_int, "an integer"),
+    "temperature": (_is_number, "a number"),
+    "top_p": (_is_number, "a number"),
+    "presence_penalty": (_is_number, "a number"),
+    "frequency_penalty": (_is_number, "a number"),
+    "stop": (lambda v: isinstance(v, str) or _is_string_list(v), "a string or an array of strings"),
+    "user": (lambda v: isinstance(v, str), "a string"),
+}
+_POSITIVE = ("max_tokens", "max_completion_tokens", "n")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Parse and check a request body; raises a 400 GatewayError naming the offending field."""
+    if not body.strip():
+        raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_type_name(payload)}.", code="invalid_json")
+    model = payload.get("model")
+    if model is None:
+        raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _invalid_type("model", "a non-empty string", model)
+    if "messages" not in payload:
+        raise bad_request("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
+    _check_messages(payload["messages"])
+    for name, (valid, expected) in _OPTIONAL_TYPES.items():
+        value = payload.get(name)
+        if value is not None and not valid(value):
+            raise _invalid_type(name, expected, value)
+    for name in _POSITIVE:
+        value = payload.get(name)
+        if value is not None and value < 1:
+            raise bad_request(
+                f"Invalid '{name}': expected a value of at least 1, but got {value} instead.",
+                param=name,
+                code="integer_below_min_value",
+            )
+    stream = payload.get("stream") is True
+    if payload.get("stream_options") is not None and not stream:
+        raise bad_request(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options", code="invalid_value"
+        )
+    return ChatRequest(payload=payload, model=model, stream=stream)

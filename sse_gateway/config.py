@@ -1,0 +1,188 @@
+"""Settings: one frozen object built from command-line flags and `SSE_*` environment variables.
+
+Every flag `--some-flag` can also be given as `SSE_SOME_FLAG`; the command line wins over the
+environment, which wins over the default (DESIGN.md §3). Secrets (`--upstream-api-key`,
+`--api-keys`, `--admin-keys`) accept `@path` to read them from a file, so that they need not
+appear in `ps` output, and are kept out of the settings' repr so that they never reach a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "SSE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway can be told at start-up; see README for what each one does."""
+
+    address: str = "127.0.0.1"
+    port: int = 8000
+    upstream_url: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    cors_origins: tuple[str, ...] = ()
+    heartbeat_interval: float = 15.0
+    resume_grace: float = 10.0
+    mock_token_delay: float = 0.05
+    upstream_connect_timeout: float = 10.0
+    upstream_idle_timeout: float = 300.0
+    max_body_size: int = 1_048_576
+    drain_timeout: float = 30.0
+    retry_ms: int = 3000
+    log_level: str = "info"
+
+
+def _read_secret(value: str) -> str:
+    """`@path` means the file's contents; anything else is the value itself."""
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    return value
+
+
+def _split_list(text: str) -> list[str]:
+    """Items separated by commas or newlines; blank items and `#` comment lines dropped."""
+    items = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        items.extend(part.strip() for part in line.split(","))
+    return [item for item in items if item]
+
+
+def parse_api_keys(value: str) -> dict[str, str]:
+    """`key:user,key:user` (or `@file` holding such items) -> {key: user}."""
+    keys: dict[str, str] = {}
+    for item in _split_list(_read_secret(value)):
+        key, sep, user = item.partition(":")
+        key, user = key.strip(), user.strip()
+        if not sep or not key or not user:
+            # Never echo the item: it holds a key.
+            raise argparse.ArgumentTypeError("each API key must be written key:user")
+        if keys.get(key, user) != user:
+            raise argparse.ArgumentTypeError(f"one API key is given to two users ({keys[key]!r}, {user!r})")
+        keys[key] = user
+    return keys
+
+
+def parse_admin_keys(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_split_list(_read_secret(value))))
+
+
+def parse_upstream_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http(s) URL")
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("the upstream URL takes no query or fragment")
+    if not parts.path.endswith("/v1"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be the API's base URL, ending in /v1")
+    return url
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """Exact origins (`scheme://host[:port]`) or `*`; anything else is a mistake worth stopping for."""
+    origins = []
+    for item in _split_list(value):
+        if item != "*":
+            parts = urllib.parse.urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+                raise argparse.ArgumentTypeError(f"{item!r} is not an origin like https://app.example.com")
+            item = f"{parts.scheme}://{parts.netloc.lower()}"
+        origins.append(item)
+    return tuple(dict.fromkeys(origins))
+
+
+def _number(kind: type, *, minimum: float, exclusive: bool = False):
+    def convert(text: str):
+        try:
+            number = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if number < minimum or (exclusive and number == minimum):
+            bound = "greater than" if exclusive else "at least"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound} {minimum}")
+        return number
+
+    return convert
+
+
+def _port(text: str) -> int:
+    port = _number(int, minimum=0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port")
+    return port
+
+
+# flag -> (type, help). Defaults come from Settings so that they are written down once.
+_FLAGS: dict[str, tuple[object, str]] = {
+    "address": (str, "interface to listen on"),
+    "port": (_port, "TCP port to listen on (0 picks a free one)"),
+    "upstream-url": (parse_upstream_url, "OpenAI-compatible base URL ending in /v1; unset: built-in mock model"),
+    "upstream-api-key": (_read_secret, "key sent to the upstream as a Bearer token (or @file)"),
+    "redis-url": (str, "redis:// URL for shared state; unset: in-memory"),
+    "api-keys": (parse_api_keys, "client keys as key:user,key:user (or @file); unset: open dev mode"),
+    "admin-keys": (parse_admin_keys, "admin keys, comma-separated (or @file)"),
+    "cors-origins": (parse_origins, "browser origins allowed to call the API, comma-separated"),
+    "heartbeat-interval": (_number(float, minimum=0, exclusive=True), "longest silence on a stream, seconds"),
+    "resume-grace": (_number(float, minimum=0), "seconds a stream keeps generating with no reader"),
+    "mock-token-delay": (_number(float, minimum=0), "built-in mock model: seconds between tokens"),
+    "upstream-connect-timeout": (_number(float, minimum=0, exclusive=True), "seconds to connect to the upstream"),
+    "upstream-idle-timeout": (_number(float, minimum=0, exclusive=True), "longest upstream silence, seconds"),
+    "max-body-size": (_number(int, minimum=1), "largest request body, bytes"),
+    "drain-timeout": (_number(float, minimum=0), "seconds running streams may finish after SIGTERM"),
+    "log-level": (str, "debug, info, warning or error"),
+}
+
+
+def _attr(flag: str) -> str:
+    return flag.replace("-", "_")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="sse_server.py",
+        description="Server-Sent Events gateway that streams LLM answers token by token.",
+        epilog=f"Each flag can also be set as an environment variable: --some-flag -> {ENV_PREFIX}SOME_FLAG.",
+    )
+    for flag, (convert, help_text) in _FLAGS.items():
+        env_name = ENV_PREFIX + _attr(flag).upper()
+        default = env.get(env_name)
+        if default is None:
+            default = getattr(defaults, _attr(flag))
+        parser.add_argument(
+            f"--{flag}",
+            type=convert,
+            default=default,
+            metavar=_attr(flag).upper(),
+            help=f"{help_text} [env {env_name}]",
+        )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags and environment; exits with a usage error on a bad value."""
+    env = os.environ if env is None else env
+    parser = build_parser(env)
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    level = values["log_level"].lower()
+    if level not in ("debug", "info", "warning", "error"):
+        parser.error(f"--log-level: {values['log_level']!r} is not one of debug, info, warning, error")
+    values["log_level"] = level
+    return Settings(**values)

@@ -1,0 +1,327 @@
+"""The built-in mock model: an OpenAI-compatible HTTP server (DESIGN.md §4.5).
+
+It is the embedded default upstream (the gateway starts it in-process on a free loopback port
+and talks to it over real HTTP, so the same client code runs as against a real API), a test
+double the test harness starts as a real server, and a program of its own:
+
+    python -m sse_gateway.mock_upstream --port=9000 [--token-delay=0.05] [--api-key=KEY]
+
+Models: `mock-echo` streams the last user message back, one chunk per word with its whitespace,
+so that joining the chunks gives the message exactly; `mock-count` streams `max_tokens` chunks
+"0 ", "1 ", .... Per-request controls in the body (for tests and demos): `mock_token_delay`,
+`mock_first_token_delay`, `mock_head_delay` (seconds before the response head), `mock_fail_after`
+(drop the connection after N chunks), `mock_error_status` (answer that status with an OpenAI
+error body). The wire format follows a real capture (`shared/samples/openai_chat_stream.sse`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import hmac
+import logging
+import re
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+
+__all__ = ["MockModel", "MockRequest", "MODELS", "split_words"]
+
+log = logging.getLogger("sse_gateway.mock")
+
+MODELS = ("mock-echo", "mock-count")
+DEFAULT_COUNT = 16
+_WORDS = re.compile(r"\s*\S+\s*|\s+")
+T = TypeVar("T")
+
+
+def split_words(text: str) -> list[str]:
+    """One piece per word with the whitespace around it; "".join(pieces) == text."""
+    return _WORDS.findall(text)
+
+
+@dataclass
+class MockRequest:
+    """What the mock saw of one chat request, and how it ended (for tests and the log)."""
+
+    body: dict[str, Any]
+    authorization: str | None
+    state: str = "open"  # open -> finished | cancelled | dropped | rejected
+    head_sent: bool = False
+    chunks_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    @property
+    def last_user_text(self) -> str:
+        return _last_user_text(self.body.get("messages") or [])
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):  # content parts: keep the text ones
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _error(status: int, message: str, type: str, code: str | None, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number")
+    return float(value)
+
+
+class MockModel:
+    """The mock model server. `requests` keeps the most recent requests for inspection."""
+
+    def __init__(self, token_delay: float = 0.0, api_key: str | None = None, history: int = 1000) -> None:
+        self.token_delay = token_delay
+        self.api_key = api_key
+        self.requests: collections.deque[MockRequest] = collections.deque(maxlen=history)
+        self._change = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._start_lock = asyncio.Lock()
+        self.base_url: str | None = None
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen (once) and return the base URL, ending in /v1."""
+        async with self._start_lock:
+            if self.base_url is None:
+                # handler_cancellation: a client that goes away cancels its handler at once,
+                # which is how the mock notices (and records) an upstream request cancelled.
+                self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
+                await self._runner.setup()
+                site = web.TCPSite(self._runner, host, port)
+                await site.start()
+                bound = self._runner.addresses[0]
+                self.base_url = f"http://{bound[0]}:{bound[1]}/v1"
+        return self.base_url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self.base_url = None
+
+    async def wait_for(self, predicate: Callable[[], T]) -> T:
+        """Wait until `predicate()` is truthy, re-checked whenever a request starts or changes."""
+        while True:
+            change = self._change
+            result = predicate()
+            if result:
+                return result
+            await change.wait()
+
+    def find(self, text: str) -> MockRequest | None:
+        """The latest request whose last user message is `text`."""
+        for request in reversed(self.requests):
+            if request.last_user_text == text:
+                return request
+        return None
+
+    def _notify(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    def _set_state(self, record: MockRequest, state: str) -> None:
+        record.state = state
+        record.ended = time.monotonic()
+        self._notify()
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.api_key is None:
+            return True
+        presented = request.headers.get("Authorization", "")
+        return hmac.compare_digest(presented.encode(), f"Bearer {self.api_key}".encode())
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sse-gateway-mock"} for name in MODELS]
+        return web.json_response({"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        if not isinstance(body, dict):
+            return _error(400, "The body must be a JSON object.", "invalid_request_error", None)
+        record = MockRequest(body=body, authorization=request.headers.get("Authorization"))
+        self.requests.append(record)
+        self._notify()
+        try:
+            response = await self._answer(request, body, record)
+        except asyncio.CancelledError:
+            self._set_state(record, "cancelled")
+            raise
+        if record.state == "open":
+            self._set_state(record, "finished" if response.status < 400 else "rejected")
+        return response
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], record: MockRequest) -> web.StreamResponse:
+        if not self._authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        try:
+            head_delay = _number(body, "mock_head_delay", 0)
+            first_delay = _number(body, "mock_first_token_delay", 0)
+            token_delay = _number(body, "mock_token_delay", self.token_delay)
+            fail_after = body.get("mock_fail_after")
+            if fail_after is not None and (isinstance(fail_after, bool) or not isinstance(fail_after, int)):
+                raise ValueError("mock_fail_after must be an integer")
+        except ValueError as exc:
+            return _error(400, str(exc), "invalid_request_error", None)
+        error_status = body.get("mock_error_status")
+        if head_delay:
+            await asyncio.sleep(head_delay)
+        if isinstance(error_status, int) and 400 <= error_status <= 599:
+            headers = {"Retry-After": "1"} if error_status == 429 else None
+            return _error(error_status, f"Mock failure with status {error_status}.", "mock_error", "mock_error", headers)
+        model = body.get("model")
+        if model not in MODELS:
+            return _error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+        pieces = self._pieces(model, body)
+        prompt_tokens = sum(len(split_words(_text(m))) for m in body.get("messages") or [] if isinstance(m, dict))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+        }
+        finish_reason = "length" if model == "mock-count" else "stop"
+        completion_id = "chatcmpl-mock" + secrets.token_hex(8)
+        created = int(time.time())
+        if not body.get("stream"):
+            if first_delay:
+                await asyncio.sleep(first_delay)
+            return web.Response(
+                body=orjson.dumps(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "finish_reason": finish_reason,
+                            }
+                        ],
+                        "usage": usage,
+                    }
+                ),
+                content_type="application/json",
+            )
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            obj = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        frames = [chunk({"role": "assistant", "content": ""})]
+        frames += [chunk({"content": piece}) for piece in pieces]
+        frames.append(chunk({}, finish_reason))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            frames.append(
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+                + b"\n\n"
+            )
+        frames.append(b"data: [DONE]\n\n")
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        record.head_sent = True
+        self._notify()
+        for index, frame in enumerate(frames):
+            if fail_after is not None and index >= fail_after:
+                # Drop the connection mid-stream, without the chunked terminator.
+                self._set_state(record, "dropped")
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            delay = first_delay if index == 0 else token_delay
+            if delay:
+                await asyncio.sleep(delay)
+            await response.write(frame)
+            record.chunks_sent += 1
+        await response.write_eof()
+        return response
+
+    def _pieces(self, model: str, body: dict[str, Any]) -> list[str]:
+        if model == "mock-count":
+            count = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_COUNT
+            return [f"{i} " for i in range(int(count))]
+        return split_words(_last_user_text(body.get("messages") or []))
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sse_gateway.mock_upstream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--token-delay", type=float, default=0.05, help="seconds between chunks")
+    parser.add_argument("--api-key", default=None, help="require this Bearer key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        model = MockModel(token_delay=args.token_delay, api_key=args.api_key)
+        url = await model.start(args.host, args.port)
+        log.info("mock model listening on %s (models: %s)", url, ", ".join(MODELS))
+        try:
+            await stop.wait()
+        finally:
+            await model.close()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Client for the OpenAI-compatible model API: one shared aiohttp session, typed errors.
+
+`open_chat_stream()` posts with `stream: true` and returns once the upstream's response head
+has arrived, so that an upstream refusal can still become our HTTP status (DESIGN.md §4.1);
+its errors are `UpstreamError`s that already carry the status, type and code a client should
+see (§4.4: upstream 400 -> 400 with its message, 401/403 -> 502, 429 -> 429 with Retry-After,
+5xx -> 502, timeout -> 504). The body is then read as it arrives (never `async for line in
+resp.content`, which fails on lines over 64 KiB), decoded as SSE, and yielded as `Chunk`s whose
+`raw` bytes are relayed untouched.
+
+Timeouts: `--upstream-connect-timeout` bounds the TCP connect; `--upstream-idle-timeout` bounds
+every silence after the request is sent, the wait for the head included (aiohttp's `sock_read`).
+The upstream key is sent as a Bearer token and appears in no error message and no log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .decoder import DecodeError, SSEDecoder
+from .errors import GatewayError
+
+__all__ = ["Chunk", "ChatStream", "UpstreamClient", "UpstreamError"]
+
+log = logging.getLogger("sse_gateway.upstream")
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_JSON_BODY = 64 * 1024 * 1024
+MAX_MESSAGE = 2000
+USER_AGENT = "sse-gateway/0.1"
+
+
+class UpstreamError(GatewayError):
+    """A failure of the upstream, already mapped to what our client should see."""
+
+
+def unreachable() -> UpstreamError:
+    return UpstreamError(502, "The model service could not be reached.", type="upstream_error", code="upstream_unavailable")
+
+
+def timed_out() -> UpstreamError:
+    return UpstreamError(504, "The model service did not answer in time.", type="upstream_error", code="upstream_timeout")
+
+
+def dropped() -> UpstreamError:
+    return UpstreamError(
+        502,
+        "The model service closed the stream before the answer was complete.",
+        type="upstream_error",
+        code="upstream_disconnected",
+    )
+
+
+def malformed(detail: str) -> UpstreamError:
+    return UpstreamError(502, f"The model service sent {detail}.", type="upstream_error", code="upstream_malformed")
+
+
+def _retry_after(value: str | None) -> int:
+    """Seconds from a Retry-After header (delta or HTTP date); 1 when absent or unreadable."""
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return max(1, int(value))
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(1, int(when.timestamp() - time.time() + 0.999))
+        except (TypeError, ValueError):
+            pass
+    return 1
+
+
+def _error_fields(body: bytes) -> dict[str, Any]:
+    """The `error` object of an OpenAI-style error body, or {} when there is none."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value[:MAX_MESSAGE] if isinstance(value, str) and value else None
+
+
+def status_error(status: int, body: bytes, retry_after: str | None) -> UpstreamError:
+    """Map an upstream error response to ours (see the module docstring)."""
+    fields = _error_fields(body)
+    message, code, param = _text(fields.get("message")), _text(fields.get("code")), _text(fields.get("param"))
+    if status in (401, 403, 407):
+        # The gateway's own credentials were refused: not the caller's fault, and the upstream's
+        # message may quote part of our key, so it is not passed on.
+        return UpstreamError(502, "The model service refused the gateway's credentials.", type="upstream_error", code="upstream_auth_failed")
+    if status == 408:
+        return timed_out()
+    if status == 429:
+        return UpstreamError(
+            429,
+            message or "The model service is rate limiting requests; try again later.",
+            type="rate_limit_error",
+            code=code or "rate_limit_exceeded",
+            retry_after=_retry_after(retry_after),
+        )
+    if 400 <= status < 500:
+        return UpstreamError(status, message or f"The model service rejected the request ({status}).", code=code, param=param)
+    return UpstreamError(502, f"The model service failed ({status}).", type="upstream_error", code="upstream_error")
+
+
+def error_from_chunk(fields: dict[str, Any]) -> UpstreamError:
+    """An error the upstream reported inside its stream, keeping its own message, type and code."""
+    return UpstreamError(
+        502,
+        _text(fields.get("message")) or "The model service reported an error.",
+        type=_text(fields.get("type")) or "upstream_error",
+        code=_text(fields.get("code")) or "upstream_error",
+        param=_text(fields.get("param")),
+    )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` bytes when longer."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in response.content.iter_any():
+        parts.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One upstream event: `raw` is the JSON exactly as sent, `obj` the same parsed."""
+
+    raw: bytes
+    obj: dict[str, Any]
+
+
+def _has_finish_reason(obj: dict[str, Any]) -> bool:
+    choices = obj.get("choices")
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+class ChatStream:
+    """The body of one streaming answer, after its head: read `chunks()`; `close()` when done."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.finished = False  # saw [DONE], or the stream ended after a finish_reason
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The upstream's chunks until its [DONE]; any failure raises an UpstreamError."""
+        decoder = SSEDecoder()
+        saw_finish_reason = False
+        try:
+            async for data in self._response.content.iter_any():
+                for event in decoder.feed(data):
+                    if event.data == "[DONE]":
+                        self.finished = True
+                        return
+                    chunk = self._parse(event.event, event.data)
+                    saw_finish_reason = saw_finish_reason or _has_finish_reason(chunk.obj)
+                    yield chunk
+        except DecodeError as exc:
+            raise malformed(str(exc)) from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise timed_out() from None
+        except aiohttp.ClientError:
+            raise dropped() from None
+        # A clean end without [DONE]: complete if the model said why it stopped (some
+        # OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short.
+        if not saw_finish_reason:
+            raise dropped()
+        self.finished = True
+
+    @staticmethod
+    def _parse(event: str, data: str) -> Chunk:
+        raw = data.encode()
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise malformed("a chunk that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise malformed("a chunk that is not a JSON object")
+        error = obj.get("error")
+        if event == "error" or error:
+            raise error_from_chunk(error if isinstance(error, dict) else {})
+        return Chunk(raw, obj)
+
+    def close(self) -> None:
+        """Release the connection; one not read to the end is closed, which cancels the upstream work."""
+        if self.finished:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class UpstreamClient:
+    """The one aiohttp session to the model API, created on first use inside the running loop."""
+
+    def __init__(
+        self,
+        base_url: str | Callable[[], Awaitable[str]],
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self._base_url = base_url
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout, sock_read=idle_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _url(self, path: str) -> str:
+        base = self._base_url if isinstance(self._base_url, str) else await self._base_url()
+        return base + path
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # limit=0: every gateway stream holds one upstream connection for its whole life;
+            # how many streams may run is decided at the gateway's door, not by a pool queue.
+            connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, trust_env=False, headers={"User-Agent": USER_AGENT}
+            )
+        return self._session
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    async def _send(self, method: str, path: str, *, body: bytes | None = None, accept: str) -> aiohttp.ClientResponse:
+        """Send a request and wait for the response head; any failure is an UpstreamError."""
+        headers = self._headers(accept)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if accept == "text/event-stream":
+            headers["Accept-Encoding"] = "identity"  # compression would batch tokens
+        url = await self._url(path)
+        try:
+            response = await self._client().request(method, url, data=body, headers=headers, allow_redirects=False)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise timed_out() from None
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("upstream unreachable: %s", exc.os_error or exc.__class__.__name__)
+            raise unreachable() from None
+        except aiohttp.ClientError as exc:
+            log.warning("upstream request failed: %s", exc.__class__.__name__)
+            raise unreachable() from None
+        if response.status != 200:
+            try:
+                error_body = await _read_capped(response, MAX_ERROR_BODY)
+            except (asyncio.TimeoutError, aiohttp.ClientError):
+                error_body = b""
+            finally:
+                response.close()
+            error = status_error(response.status, error_body, response.headers.get("Retry-After"))
+            log.warning("upstream answered %d -> %d %s", response.status, error.status, error.code)
+            raise error
+        return response
+
+    async def open_chat_stream(self, payload: dict[str, Any]) -> ChatStream:
+        """POST a streaming chat request; return once the head says 200 and the body is SSE."""
+        response = await self._send("POST", "/chat/completions", body=orjson.dumps(payload), accept="text/event-stream")
+        if response.content_type != "text/event-stream":
+            response.close()
+            raise malformed(f"{response.content_type or 'no content type'} where an event stream was expected")
+        return ChatStream(response)
+
+    async def _read_json(self, response: aiohttp.ClientResponse) -> bytes:
+        try:
+            body = await _read_capped(response, MAX_JSON_BODY + 1)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise timed_out() from None
+        except aiohttp.ClientError:
+            raise dropped() from None
+        finally:
+            response.close()
+        if len(body) > MAX_JSON_BODY:
+            raise malformed("a response larger than the gateway accepts")
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise malformed("a response that is not JSON") from None
+        return body
+
+    async def chat(self, payload: dict[str, Any]) -> bytes:
+        """A non-streaming completion: the upstream's JSON, unchanged."""
+        response = await self._send("POST", "/chat/completions", body=orjson.dumps(payload), accept="application/json")
+        return await self._read_json(response)
+
+    async def models(self) -> bytes:
+        response = await self._send("GET", "/models", accept="application/json")
+        return await self._read_json(response)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

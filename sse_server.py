@@ -1,0 +1,129 @@
+"""Entry point: parse options -> Settings -> make_app() -> listen; clean shutdown (DESIGN.md §2, §3).
+
+    python sse_server.py --port=8000 [--upstream-url=https://api.openai.com/v1 ...]
+
+Every flag is also read from an `SSE_*` environment variable; `--help` lists them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from handlers import ChatCompletionsHandler, HealthHandler, IndexHandler, ModelsHandler, NotFoundHandler
+from sse_gateway.config import Settings, parse_settings
+from sse_gateway.services import Services
+
+log = logging.getLogger("sse_gateway")
+access_log = logging.getLogger("sse_gateway.access")
+
+HERE = Path(__file__).resolve().parent
+BODY_TIMEOUT = 60.0  # seconds a client may take to send a request body
+
+
+class GatewayApplication(tornado.web.Application):
+    services: Services
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """One line per request: the path without its query string, which may carry a read token."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access_log.log(
+        level,
+        "%d %s %s %.1fms request=%s user=%s",
+        status,
+        handler.request.method,
+        handler.request.path,
+        1000.0 * handler.request.request_time(),
+        getattr(handler, "request_id", "-"),
+        getattr(handler, "user", "-"),
+    )
+
+
+def make_app(settings: Settings, services: Services | None = None) -> GatewayApplication:
+    """The Tornado application; every dependency is built here once and handed to handlers."""
+    services = services or Services.build(settings)
+    deps = {"services": services}
+    app = GatewayApplication(
+        [
+            (r"/v1/chat/completions", ChatCompletionsHandler, deps),
+            (r"/v1/models", ModelsHandler, deps),
+            (r"/healthz", HealthHandler, deps),
+            (r"/", IndexHandler, deps),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        template_path=str(HERE / "templates"),
+        log_function=log_request,
+        compress_response=False,  # gzip would hold tokens back until a block fills
+    )
+    app.services = services
+    return app
+
+
+def make_server(app: GatewayApplication) -> tornado.httpserver.HTTPServer:
+    settings = app.services.settings
+    return tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body_size, body_timeout=BODY_TIMEOUT)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Listen until SIGTERM or SIGINT, then stop accepting, drain running streams, and close."""
+    app = make_app(settings)
+    server = make_server(app)
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.address)
+    server.add_sockets(sockets)
+    host, port = sockets[0].getsockname()[:2]
+    upstream = settings.upstream_url or "the built-in mock model"
+    log.info("listening on http://%s:%d (upstream: %s)", host, port, upstream)
+    if app.services.keys.open:
+        log.warning(
+            "OPEN DEV MODE: no --api-keys given, so anyone who can reach this port can use the "
+            "upstream model as user 'anonymous'. Do not expose it."
+        )
+    if settings.redis_url:
+        log.warning("--redis-url is not used yet: state is kept in memory")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    stop.clear()
+
+    server.stop()  # close the listening sockets: new connections are refused from here on
+    running = len(app.services.streams)
+    if running:
+        log.info("draining %d running stream(s) for up to %gs (signal again to stop now)", running, settings.drain_timeout)
+        drain = asyncio.ensure_future(app.services.streams.wait_idle(settings.drain_timeout))
+        interrupt = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([drain, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        drain.cancel()
+    await app.services.close()
+    await server.close_all_connections()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
