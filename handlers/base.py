@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from sse_gateway.errors import GatewayError, server_error
 from sse_gateway.services import Services
@@ -89,6 +90,13 @@ class ApiHandler(tornado.web.RequestHandler):
             self.set_header(name, value)
         self.set_status(204)
 
+    @property
+    def connection(self) -> HTTP1Connection:
+        """The request's HTTP/1.1 connection (the only kind Tornado's server makes)."""
+        connection = self.request.connection
+        assert isinstance(connection, HTTP1Connection)
+        return connection
+
     def write_json(self, body: bytes, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -136,7 +144,7 @@ class JsonBodyHandler(ApiHandler):
         # limit so that an oversized body is read and dropped, and its sender gets our 413.
         # Beyond the discard cap the sender is abusive and the bare 400 is good enough.
         limit = self.services.settings.max_body_size
-        self.request.connection.set_max_body_size(max(8 * limit, DISCARD_CAP))
+        self.connection.set_max_body_size(max(8 * limit, DISCARD_CAP))
 
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)

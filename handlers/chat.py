@@ -62,7 +62,7 @@ class ChatCompletionsHandler(JsonBodyHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer this response
         self.set_header("X-Stream-Id", stream.id)
         # Tornado leaves Nagle's algorithm on while a response streams (DESIGN.md §6).
-        self.request.connection.stream.set_nodelay(True)
+        self.connection.stream.set_nodelay(True)
         self.write(encode_retry(self.services.settings.retry_ms))
         try:
             await self.flush()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ENV_PREFIX = "SSE_"
 
@@ -53,7 +54,7 @@ def _read_secret(value: str) -> str:
 
 def _split_list(text: str) -> list[str]:
     """Items separated by commas or newlines; blank items and `#` comment lines dropped."""
-    items = []
+    items: list[str] = []
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("#"):
@@ -106,8 +107,8 @@ def parse_origins(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(origins))
 
 
-def _number(kind: type, *, minimum: float, exclusive: bool = False):
-    def convert(text: str):
+def _number(kind: type, *, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
         try:
             number = kind(text)
         except ValueError:
@@ -129,7 +130,7 @@ def _port(text: str) -> int:
 
 
 # flag -> (type, help). Defaults come from Settings so that they are written down once.
-_FLAGS: dict[str, tuple[object, str]] = {
+_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "address": (str, "interface to listen on"),
     "port": (_port, "TCP port to listen on (0 picks a free one)"),
     "upstream-url": (parse_upstream_url, "OpenAI-compatible base URL ending in /v1; unset: built-in mock model"),

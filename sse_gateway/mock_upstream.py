@@ -87,6 +87,43 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
+class _Answer:
+    """One answer of the mock model, as a `chat.completion` or as streamed chunks."""
+
+    def __init__(self, model: str, pieces: list[str], messages: list[Any]) -> None:
+        self.model = model
+        self.pieces = pieces
+        self.finish_reason = "length" if model == "mock-count" else "stop"
+        self.id = "chatcmpl-mock" + secrets.token_hex(8)
+        self.created = int(time.time())
+        prompt = sum(len(split_words(_text(m))) for m in messages if isinstance(m, dict))
+        self.usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces), "total_tokens": prompt + len(pieces)}
+
+    def _object(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return orjson.dumps({**head, "choices": choices, **extra})
+
+    def completion(self) -> bytes:
+        message = {"role": "assistant", "content": "".join(self.pieces)}
+        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason}
+        return self._object("chat.completion", [choice], usage=self.usage)
+
+    def frames(self, include_usage: bool) -> list[bytes]:
+        """The SSE frames of the stream, as OpenAI sends them: role, words, finish, [usage], [DONE]."""
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return b"data: " + self._object("chat.completion.chunk", [choice]) + b"\n\n"
+
+        frames = [chunk({"role": "assistant", "content": ""})]
+        frames += [chunk({"content": piece}) for piece in self.pieces]
+        frames.append(chunk({}, self.finish_reason))
+        if include_usage:
+            frames.append(b"data: " + self._object("chat.completion.chunk", [], usage=self.usage) + b"\n\n")
+        frames.append(b"data: [DONE]\n\n")
+        return frames
+
+
 class MockModel:
     """The mock model server. `requests` keeps the most recent requests for inspection."""
 
@@ -193,85 +230,28 @@ class MockModel:
                 raise ValueError("mock_fail_after must be an integer")
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error", None)
-        error_status = body.get("mock_error_status")
         if head_delay:
             await asyncio.sleep(head_delay)
+        error_status = body.get("mock_error_status")
         if isinstance(error_status, int) and 400 <= error_status <= 599:
             headers = {"Retry-After": "1"} if error_status == 429 else None
             return _error(error_status, f"Mock failure with status {error_status}.", "mock_error", "mock_error", headers)
         model = body.get("model")
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
-        pieces = self._pieces(model, body)
-        prompt_tokens = sum(len(split_words(_text(m))) for m in body.get("messages") or [] if isinstance(m, dict))
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(pieces),
-            "total_tokens": prompt_tokens + len(pieces),
-        }
-        finish_reason = "length" if model == "mock-count" else "stop"
-        completion_id = "chatcmpl-mock" + secrets.token_hex(8)
-        created = int(time.time())
+        answer = _Answer(model, self._pieces(model, body), body.get("messages") or [])
         if not body.get("stream"):
             if first_delay:
                 await asyncio.sleep(first_delay)
-            return web.Response(
-                body=orjson.dumps(
-                    {
-                        "id": completion_id,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": "".join(pieces)},
-                                "finish_reason": finish_reason,
-                            }
-                        ],
-                        "usage": usage,
-                    }
-                ),
-                content_type="application/json",
-            )
+            return web.Response(body=answer.completion(), content_type="application/json")
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            obj = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra,
-            }
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        frames = [chunk({"role": "assistant", "content": ""})]
-        frames += [chunk({"content": piece}) for piece in pieces]
-        frames.append(chunk({}, finish_reason))
         options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            frames.append(
-                b"data: "
-                + orjson.dumps(
-                    {
-                        "id": completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-                + b"\n\n"
-            )
-        frames.append(b"data: [DONE]\n\n")
-
+        frames = answer.frames(include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         record.head_sent = True
         self._notify()
-        for index, frame in enumerate(frames):
+        for index, data in enumerate(frames):
             if fail_after is not None and index >= fail_after:
                 # Drop the connection mid-stream, without the chunked terminator.
                 self._set_state(record, "dropped")
@@ -281,7 +261,7 @@ class MockModel:
             delay = first_delay if index == 0 else token_delay
             if delay:
                 await asyncio.sleep(delay)
-            await response.write(frame)
+            await response.write(data)
             record.chunks_sent += 1
         await response.write_eof()
         return response

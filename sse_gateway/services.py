@@ -6,6 +6,7 @@ Nothing here is global: two applications in one process (as in the tests) share 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .auth import ApiKeys
@@ -32,6 +33,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         mock = None
+        base_url: str | Callable[[], Awaitable[str]]
         if settings.upstream_url is None:
             # Started on first use, inside the running loop, on a free loopback port.
             mock = MockModel(token_delay=settings.mock_token_delay)

@@ -15,11 +15,10 @@ The upstream key is sent as a Bearer token and appears in no error message and n
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +157,7 @@ class ChatStream:
         self._response = response
         self.finished = False  # saw [DONE], or the stream ended after a finish_reason
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The upstream's chunks until its [DONE]; any failure raises an UpstreamError."""
         decoder = SSEDecoder()
         saw_finish_reason = False
@@ -173,7 +172,7 @@ class ChatStream:
                     yield chunk
         except DecodeError as exc:
             raise malformed(str(exc)) from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise timed_out() from None
         except aiohttp.ClientError:
             raise dropped() from None
@@ -251,7 +250,7 @@ class UpstreamClient:
         url = await self._url(path)
         try:
             response = await self._client().request(method, url, data=body, headers=headers, allow_redirects=False)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise timed_out() from None
         except aiohttp.ClientConnectorError as exc:
             log.warning("upstream unreachable: %s", exc.os_error or exc.__class__.__name__)
@@ -262,7 +261,7 @@ class UpstreamClient:
         if response.status != 200:
             try:
                 error_body = await _read_capped(response, MAX_ERROR_BODY)
-            except (asyncio.TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError):
                 error_body = b""
             finally:
                 response.close()
@@ -282,7 +281,7 @@ class UpstreamClient:
     async def _read_json(self, response: aiohttp.ClientResponse) -> bytes:
         try:
             body = await _read_capped(response, MAX_JSON_BODY + 1)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise timed_out() from None
         except aiohttp.ClientError:
             raise dropped() from None

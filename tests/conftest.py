@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 import pytest
+from aiohttp import web
 from tornado.testing import bind_unused_port
 
 from sse_gateway.config import Settings

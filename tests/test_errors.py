@@ -31,6 +31,8 @@ async def error_of(response, status: int) -> dict:
         (b"", None, "invalid_json"),
         (b"[1, 2]", None, "invalid_json"),
         (b'"text"', None, "invalid_json"),
+        (b'{"model": "\xff\xfe", "messages": []}', None, "invalid_json"),  # not UTF-8
+        (b"[" * 5000 + b"]" * 5000, None, "invalid_json"),  # nested too deep
         (b'{"model": "mock-echo"}', "messages", "missing_required_parameter"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "missing_required_parameter"),
         (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', "model", "invalid_type"),
