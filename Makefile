@@ -9,7 +9,8 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 # command:package pairs the tests need from Debian (installed only when missing)
-DEBIAN_TEST_PACKAGES := curl:curl
+# (Playwright drives Debian's Chromium: it cannot download a browser of its own here.)
+DEBIAN_TEST_PACKAGES := curl:curl chromium:chromium
 
 .PHONY: run test bench system-deps clean
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,16 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from handlers import ChatCompletionsHandler, HealthHandler, IndexHandler, ModelsHandler, NotFoundHandler
+from handlers import (
+    ChatCompletionsHandler,
+    HealthHandler,
+    IndexHandler,
+    ModelsHandler,
+    NotFoundHandler,
+    SessionHandler,
+    StreamHandler,
+    StreamsHandler,
+)
 from sse_gateway.config import Settings, parse_settings
 from sse_gateway.services import Services
 
@@ -57,6 +67,9 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, deps),
             (r"/v1/models", ModelsHandler, deps),
+            (r"/v1/streams", StreamsHandler, deps),
+            (r"/v1/streams/([A-Za-z0-9_-]{1,64})", StreamHandler, deps),
+            (r"/v1/session", SessionHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/", IndexHandler, deps),
         ],
@@ -64,6 +77,8 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
         default_handler_args=deps,
         template_path=str(HERE / "templates"),
         log_function=log_request,
+        # Signs session cookies. Without --session-secret, sessions end when the process does.
+        cookie_secret=settings.session_secret or secrets.token_hex(32),
         compress_response=False,  # gzip would hold tokens back until a block fills
     )
     app.services = services

@@ -4,5 +4,16 @@ from .base import NotFoundHandler
 from .chat import ChatCompletionsHandler
 from .models import ModelsHandler
 from .pages import HealthHandler, IndexHandler
+from .session import SessionHandler
+from .streams import StreamHandler, StreamsHandler
 
-__all__ = ["ChatCompletionsHandler", "HealthHandler", "IndexHandler", "ModelsHandler", "NotFoundHandler"]
+__all__ = [
+    "ChatCompletionsHandler",
+    "HealthHandler",
+    "IndexHandler",
+    "ModelsHandler",
+    "NotFoundHandler",
+    "SessionHandler",
+    "StreamHandler",
+    "StreamsHandler",
+]

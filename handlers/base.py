@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 import uuid
 from typing import Any
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
 
+from sse_gateway.access import Ticket, check_idempotency_key
+from sse_gateway.auth import unauthorized
 from sse_gateway.errors import GatewayError, server_error
 from sse_gateway.services import Services
 
@@ -23,6 +26,7 @@ log = logging.getLogger("sse_gateway.http")
 
 _HTTP_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT")
 DISCARD_CAP = 64 * 1024 * 1024
+SESSION_COOKIE = "sse_session"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -45,11 +49,19 @@ def not_found(method: str, path: str) -> GatewayError:
 
 
 class ApiHandler(tornado.web.RequestHandler):
-    """JSON API routes. Subclasses set `requires_auth = False` for public routes."""
+    """JSON API routes.
 
-    requires_auth = True
+    Callers authenticate with `Authorization: Bearer <key>`; where a browser cannot send a key,
+    with a session cookie (`cookie_methods`) or a stream's read token (`ticket_methods`, as
+    `?token=`). `public_methods` need no authentication at all.
+    """
+
+    public_methods: frozenset[str] = frozenset()
+    cookie_methods: frozenset[str] = frozenset({"GET", "POST", "DELETE"})
+    ticket_methods: frozenset[str] = frozenset()
     services: Services
     user: str
+    ticket: Ticket | None = None
 
     def initialize(self, services: Services) -> None:
         self.services = services
@@ -67,18 +79,60 @@ class ApiHandler(tornado.web.RequestHandler):
         for name, value in self.services.cors.headers(self.request.headers.get("Origin")):
             self.set_header(name, value)
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.check_method()
-        if self.requires_auth and self.request.method != "OPTIONS":
-            self.user = self.authenticate()
+        if self.request.method != "OPTIONS" and self.request.method not in self.public_methods:
+            await self.authenticate()
 
     def check_method(self) -> None:
         """405 before anything else, so that a wrong method is never reported as a missing key."""
         if self.request.method not in self._allowed_methods():
             raise tornado.web.HTTPError(405)
 
-    def authenticate(self) -> str:
-        return self.services.keys.authenticate(self.request.headers.get("Authorization"))
+    async def authenticate(self) -> None:
+        """Set `self.user` from the first credential present; a bad one is a 401, never skipped."""
+        method = self.request.method or ""
+        header = self.request.headers.get("Authorization")
+        if header is not None:
+            self.user = self.services.keys.authenticate(header)
+            return
+        token = self.get_query_argument("token", None) if method in self.ticket_methods else None
+        if token is not None:
+            ticket = await self.services.tickets.check(token)
+            if ticket is None:
+                raise unauthorized("The read token is invalid or has expired.", "invalid_token")
+            self.user, self.ticket = ticket.user, ticket
+            return
+        session_id = self.session_id() if method in self.cookie_methods else None
+        if session_id is not None:
+            user = await self.services.sessions.user(session_id)
+            if user is None:
+                raise unauthorized("The session has ended; sign in again.", "session_expired")
+            self._check_cookie_origin()
+            self.user = user
+            return
+        self.user = self.services.keys.authenticate(None)  # 401, or "anonymous" in open dev mode
+
+    def session_id(self) -> str | None:
+        """The session id from a correctly signed session cookie, if any."""
+        days = self.services.settings.session_ttl / 86400 + 1
+        value = self.get_signed_cookie(SESSION_COOKIE, max_age_days=days)
+        return value.decode() if value else None
+
+    def _check_cookie_origin(self) -> None:
+        """Refuse a cookie-authenticated change from a page of another origin (CSRF).
+
+        SameSite=Lax already keeps the cookie off cross-site POSTs; this also covers sibling
+        sites. Browsers send `Origin` with every POST and DELETE.
+        """
+        if self.request.method in ("GET", "HEAD"):
+            return
+        origin = self.request.headers.get("Origin")
+        if origin is None or self.services.cors.allows(origin):
+            return
+        if urllib.parse.urlsplit(origin).netloc.lower() != self.request.host.lower():
+            raise GatewayError(403, "Cross-site requests with a session cookie are refused.",
+                               type="permission_error", code="origin_not_allowed")
 
     def options(self, *args: Any) -> None:
         """CORS preflight: no authentication, as browsers send none with it."""
@@ -136,7 +190,7 @@ class JsonBodyHandler(ApiHandler):
     over the limit is counted and dropped as it arrives, never buffered.
     """
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.check_method()
         self._body: list[bytes] = []
         self._body_size = 0
@@ -153,10 +207,10 @@ class JsonBodyHandler(ApiHandler):
         elif self._body:
             self._body.clear()
 
-    def read_body(self) -> bytes:
+    async def read_body(self) -> bytes:
         """Authenticate, then return the body; 401 or 413 as GatewayErrors."""
-        if self.requires_auth:
-            self.user = self.authenticate()
+        if self.request.method not in self.public_methods:
+            await self.authenticate()
         limit = self.services.settings.max_body_size
         if self._body_size > limit:
             raise GatewayError(
@@ -165,10 +219,13 @@ class JsonBodyHandler(ApiHandler):
         return b"".join(self._body)
 
 
+    def idempotency_key(self) -> str | None:
+        value = self.request.headers.get("Idempotency-Key")
+        return check_idempotency_key(value) if value is not None else None
+
+
 class NotFoundHandler(ApiHandler):
     """Every unknown route, whatever the method: a JSON 404."""
 
-    requires_auth = False
-
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         raise not_found(self.request.method or "", self.request.path)

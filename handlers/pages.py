@@ -6,14 +6,14 @@ from .base import ApiHandler
 
 
 class HealthHandler(ApiHandler):
-    requires_auth = False
+    public_methods = frozenset({"GET"})
 
     def get(self) -> None:
         self.write_json(b'{"status":"ok"}')
 
 
 class IndexHandler(ApiHandler):
-    requires_auth = False
+    public_methods = frozenset({"GET"})
 
     def get(self) -> None:
         self.render("index.html", requires_key=not self.services.keys.open)

@@ -99,8 +99,11 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _POSITIVE = ("max_tokens", "max_completion_tokens", "n")
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
-    """Parse and check a request body; raises a 400 GatewayError naming the offending field."""
+def parse_chat_request(body: bytes, *, force_stream: bool = False) -> ChatRequest:
+    """Parse and check a request body; raises a 400 GatewayError naming the offending field.
+
+    `force_stream` is for routes that always stream (`POST /v1/streams`): `stream` is set true.
+    """
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -109,6 +112,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise bad_request(f"The request body must be a JSON object, not {_type_name(payload)}.", code="invalid_json")
+    if force_stream:
+        payload["stream"] = True
     model = payload.get("model")
     if model is None:
         raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")

@@ -2,7 +2,7 @@
 
 Every flag `--some-flag` can also be given as `SSE_SOME_FLAG`; the command line wins over the
 environment, which wins over the default (DESIGN.md §3). Secrets (`--upstream-api-key`,
-`--api-keys`, `--admin-keys`) accept `@path` to read them from a file, so that they need not
+`--api-keys`, `--admin-keys`, `--session-secret`) accept `@path` to read them from a file, so that they need not
 appear in `ps` output, and are kept out of the settings' repr so that they never reach a log.
 """
 
@@ -38,6 +38,11 @@ class Settings:
     upstream_idle_timeout: float = 300.0
     max_body_size: int = 1_048_576
     drain_timeout: float = 30.0
+    session_secret: str | None = field(default=None, repr=False)
+    session_ttl: float = 43_200.0
+    ticket_ttl: float = 600.0
+    stream_retention: float = 600.0
+    stream_max_events: int = 100_000
     retry_ms: int = 3000
     log_level: str = "info"
 
@@ -146,6 +151,12 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "upstream-idle-timeout": (_number(float, minimum=0, exclusive=True), "longest upstream silence, seconds"),
     "max-body-size": (_number(int, minimum=1), "largest request body, bytes"),
     "drain-timeout": (_number(float, minimum=0), "seconds running streams may finish after SIGTERM"),
+    "session-secret": (_read_secret, "key that signs session cookies (or @file); unset: random at each start"),
+    "session-ttl": (_number(float, minimum=0, exclusive=True), "seconds a session cookie stays valid"),
+    "ticket-ttl": (_number(float, minimum=0, exclusive=True), "seconds a stream's read token stays valid"),
+    "stream-retention": (_number(float, minimum=0), "seconds a finished stream stays readable for resume"),
+    "stream-max-events": (_number(int, minimum=3), "most events one stream may hold"),
+    "retry-ms": (_number(int, minimum=0), "reconnection delay sent to EventSource clients (retry:), ms"),
     "log-level": (str, "debug, info, warning or error"),
 }
 

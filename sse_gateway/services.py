@@ -9,13 +9,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .access import IdempotencyKeys, ReadTickets, Sessions
 from .auth import ApiKeys
 from .config import Settings
 from .cors import CorsPolicy
 from .heartbeat import HeartbeatSweeper
 from .mock_upstream import MockModel
+from .producer import LogPolicy
+from .store import Store
+from .store.memory import MemoryStore
 from .streams import StreamRegistry
 from .upstream import UpstreamClient
+
+# An Idempotency-Key is remembered this long beyond a finished stream's retention, so that it
+# outlives the generation it started.
+IDEMPOTENCY_MARGIN = 3600.0
 
 __all__ = ["Services"]
 
@@ -26,7 +34,10 @@ class Services:
     keys: ApiKeys
     cors: CorsPolicy
     upstream: UpstreamClient
+    store: Store
     streams: StreamRegistry
+    tickets: ReadTickets
+    sessions: Sessions
     sweeper: HeartbeatSweeper
     mock: MockModel | None = None  # the embedded mock model, when no --upstream-url is given
 
@@ -46,12 +57,18 @@ class Services:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
+        store = MemoryStore()
+        policy = LogPolicy(retention=settings.stream_retention, max_events=settings.stream_max_events)
+        idempotency = IdempotencyKeys(store, ttl=settings.stream_retention + IDEMPOTENCY_MARGIN)
         return cls(
             settings=settings,
             keys=ApiKeys(settings.api_keys),
             cors=CorsPolicy(settings.cors_origins),
             upstream=upstream,
-            streams=StreamRegistry(),
+            store=store,
+            streams=StreamRegistry(store, upstream, policy, idempotency, resume_grace=settings.resume_grace),
+            tickets=ReadTickets(store, ttl=settings.ticket_ttl),
+            sessions=Sessions(store, ttl=settings.session_ttl),
             sweeper=HeartbeatSweeper(settings.heartbeat_interval),
             mock=mock,
         )
@@ -61,5 +78,6 @@ class Services:
         await self.streams.close()
         await self.sweeper.close()
         await self.upstream.close()
+        await self.store.close()
         if self.mock is not None:
             await self.mock.close()

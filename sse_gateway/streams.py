@@ -1,119 +1,83 @@
-"""Streams: one answer's event log, apart from the connections that read it (DESIGN.md §5).
+"""Streams that outlive their connections (DESIGN.md §4.2, §5).
 
-A `Stream` holds the frames produced so far, already encoded with their ids
-`<stream id>:<seq>` (seq counts from 1), so that every reader shares the same bytes. The
-producer appends; each connection reads through a `Reader`, which remembers how far it got and
-owns the one future its writer sleeps on. Anything that concerns the writer (a new frame, the
-end of the stream, a heartbeat due, the client gone) resolves that future; the writer then
-takes everything ready at once, so one flush carries all the frames waiting (§5 step 5).
+A stream's frames go into its log in the store; any connection reads the log from a position
+(replay), then follows it live, through a `Reader`. Replay and live reading are the same read
+from the same position, so there is no seam at which a frame could be skipped or repeated.
 
-The registry ties streams to their producer tasks. Until resumable streams arrive, a stream
-whose last reader leaves has its producer cancelled at once (a resume grace of zero).
+The registry runs the producers and applies the rules of §4.2: stopping is explicit (`stop`);
+when the last reader of a running stream leaves, the stream keeps generating for
+`resume_grace` seconds so that a reconnect can resume it, then its upstream request is
+cancelled; a stream nobody ever opens is cancelled `resume_grace` seconds after its creation
+(`FIRST_OPEN_WINDOW` at the least: the browser needs a moment to open the ticket URL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
+import re
 import secrets
 import time
 from collections.abc import Coroutine
 from typing import Any
 
-from .errors import GatewayError
-from .frames import DONE_DATA, PING, encode_event
+from .access import IdempotencyKeys, fingerprint
+from .errors import GatewayError, bad_request
+from .frames import PING
+from .producer import LogPolicy, produce
+from .store import Store, StreamInfo, StreamState
+from .upstream import UpstreamClient
 
-__all__ = ["Stream", "StreamState", "Reader", "StreamRegistry"]
+__all__ = ["Reader", "StreamRegistry", "parse_last_event_id", "new_stream_id"]
 
 log = logging.getLogger("sse_gateway.streams")
 
-
-class StreamState(enum.Enum):
-    PENDING = "pending"  # waiting for the upstream's response head
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+# The least time a new stream waits for its first reader (POST /v1/streams, then the GET).
+FIRST_OPEN_WINDOW = 5.0
+_EVENT_ID = re.compile(r"([A-Za-z0-9_-]{1,64}):(\d{1,12})")
 
 
-ENDED = frozenset({StreamState.DONE, StreamState.FAILED, StreamState.CANCELLED})
+def new_stream_id() -> str:
+    return secrets.token_urlsafe(12)
 
 
-class Stream:
-    def __init__(self, stream_id: str, owner: str) -> None:
-        self.id = stream_id
-        self.owner = owner
-        self.state = StreamState.PENDING
-        self.error: GatewayError | None = None
-        self.start_error: GatewayError | None = None  # failed before the upstream's head arrived
-        self.frames: list[bytes] = []
-        self.readers: set[Reader] = set()
-        self.producer: asyncio.Task[None] | None = None
-        self.created = time.monotonic()
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED
-
-    def _notify(self) -> None:
-        for reader in self.readers:
-            reader.wake()
-
-    def _append(self, data: bytes) -> None:
-        self.frames.append(encode_event(data, id=f"{self.id}:{len(self.frames) + 1}"))
-
-    def mark_running(self) -> None:
-        """The upstream accepted the request: the response head may be committed."""
-        if self.state is StreamState.PENDING:
-            self.state = StreamState.RUNNING
-            self._notify()
-
-    def push(self, data: bytes) -> None:
-        """Append one data frame (a chunk's JSON, as the upstream sent it)."""
-        if self.ended:
-            raise RuntimeError(f"stream {self.id} has ended")
-        self._append(data)
-        self._notify()
-
-    def _end(self, state: StreamState, error: GatewayError | None = None) -> bool:
-        if self.ended:
-            return False
-        if error is not None:
-            self.error = error
-            if self.state is StreamState.PENDING:
-                self.start_error = error
-            self._append(error.to_json())
-        self._append(DONE_DATA)
-        self.state = state
-        self._notify()
-        return True
-
-    def finish(self) -> None:
-        self._end(StreamState.DONE)
-
-    def fail(self, error: GatewayError) -> None:
-        """End with an OpenAI-shaped error frame, then [DONE] (DESIGN.md §4.1)."""
-        self._end(StreamState.FAILED, error)
-
-    def cancel(self) -> None:
-        """End with what was produced so far and [DONE], and stop the producer."""
-        if self._end(StreamState.CANCELLED) and self.producer is not None:
-            self.producer.cancel()
+def parse_last_event_id(value: str, info: StreamInfo) -> int:
+    """How many frames a reader holding event id `value` has; 400 when it is not of this log."""
+    match = _EVENT_ID.fullmatch(value)
+    if match is None:
+        raise bad_request("Last-Event-ID is malformed; expected <stream id>:<sequence number>.",
+                          param="Last-Event-ID", code="invalid_last_event_id")
+    stream_id, seq = match.group(1), int(match.group(2))
+    if stream_id != info.id:
+        raise bad_request("Last-Event-ID belongs to another stream.", param="Last-Event-ID",
+                          code="invalid_last_event_id")
+    if seq > info.length:
+        raise bad_request("Last-Event-ID is beyond the end of the stream.", param="Last-Event-ID",
+                          code="invalid_last_event_id")
+    return seq
 
 
 class Reader:
-    """One connection's position in a stream, and the future its writer waits on."""
+    """One connection's position in a stream, and the one future its writer waits on.
 
-    def __init__(self, stream: Stream, position: int = 0) -> None:
-        self.stream = stream
+    Anything that concerns the writer (the stream changed, a heartbeat is due, the client is
+    gone) calls `wake()`. A wake that arrives while the writer is busy is remembered, so that
+    the writer looks again before it sleeps.
+    """
+
+    def __init__(self, store: Store, stream_id: str, position: int) -> None:
+        self.store = store
+        self.stream_id = stream_id
         self.position = position  # how many frames this reader has been given
         self.closed = False
         self.last_write = time.monotonic()
         self._heartbeat_due = False
+        self._dirty = False
         self._wake: asyncio.Future[None] | None = None
+        store.subscribe(stream_id, self.wake)
 
     def wake(self) -> None:
+        self._dirty = True
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
@@ -123,10 +87,14 @@ class Reader:
 
     def close(self) -> None:
         """The connection is gone (or done): wake the writer so that it stops."""
-        self.closed = True
-        self.wake()
+        if not self.closed:
+            self.closed = True
+            self.store.unsubscribe(self.stream_id, self.wake)
+            self.wake()
 
     async def _sleep(self) -> None:
+        if self._dirty:
+            return
         self._wake = asyncio.get_running_loop().create_future()
         try:
             await self._wake
@@ -140,9 +108,13 @@ class Reader:
         ours); None when the response head should be committed now.
         """
         while not self.closed:
-            if self.stream.start_error is not None:
-                return self.stream.start_error
-            if self.stream.state is not StreamState.PENDING or self._heartbeat_due:
+            self._dirty = False
+            info = await self.store.stream_info(self.stream_id)
+            if info is None:
+                return None
+            if info.start_error is not None:
+                return info.start_error
+            if info.state is not StreamState.PENDING or self._heartbeat_due:
                 return None
             await self._sleep()
         return None
@@ -150,12 +122,12 @@ class Reader:
     async def next_batch(self) -> bytes | None:
         """All frames ready to send as one buffer, or a heartbeat; None once there is no more."""
         while not self.closed:
-            frames = self.stream.frames
-            if self.position < len(frames):
-                batch = frames[self.position] if self.position + 1 == len(frames) else b"".join(frames[self.position :])
-                self.position = len(frames)
-                return self._sent(batch)
-            if self.stream.ended:
+            self._dirty = False
+            frames, info = await self.store.read(self.stream_id, self.position)
+            if frames:
+                self.position += len(frames)
+                return self._sent(frames[0] if len(frames) == 1 else b"".join(frames))
+            if info is None or info.ended:
                 return None
             if self._heartbeat_due:
                 return self._sent(PING)
@@ -169,60 +141,137 @@ class Reader:
 
 
 class StreamRegistry:
-    """Running streams by id, and the producer task of each."""
+    """The producers running in this process, and the readers attached here."""
 
-    def __init__(self) -> None:
-        self._streams: dict[str, Stream] = {}
+    def __init__(
+        self,
+        store: Store,
+        upstream: UpstreamClient,
+        policy: LogPolicy,
+        idempotency: IdempotencyKeys,
+        *,
+        resume_grace: float,
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.policy = policy
+        self.idempotency = idempotency
+        self.resume_grace = resume_grace
+        self._producers: dict[str, asyncio.Task[None]] = {}
+        self._readers: dict[str, int] = {}
+        self._grace: dict[str, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __len__(self) -> int:
-        return len(self._streams)
+        """Streams generating in this process."""
+        return len(self._producers)
 
-    def get(self, stream_id: str) -> Stream | None:
-        return self._streams.get(stream_id)
+    async def open(self, owner: str, payload: dict[str, Any], idempotency_key: str | None = None) -> tuple[str, bool]:
+        """A stream for this request: (stream id, True) for a new one, which `start()` must run;
+        (its id, False) when the same user already sent this request with this Idempotency-Key.
+        """
+        stream_id = new_stream_id()
+        await self.store.create_stream(stream_id, owner)
+        if idempotency_key is None:
+            return stream_id, True
+        request = fingerprint(payload)
+        earlier = await self.idempotency.claim(owner, idempotency_key, request, stream_id)
+        if earlier is not None and await self.store.stream_info(earlier) is None:
+            # The earlier stream has expired: this request starts afresh under the same key.
+            await self.idempotency.release(owner, idempotency_key)
+            earlier = await self.idempotency.claim(owner, idempotency_key, request, stream_id)
+        if earlier is None:
+            return stream_id, True
+        await self.store.end_stream(stream_id, StreamState.CANCELLED, [], retention=0)  # unused
+        log.info("stream %s: attached again by its Idempotency-Key", earlier)
+        return earlier, False
 
-    def create(self, owner: str) -> Stream:
-        stream = Stream(secrets.token_urlsafe(12), owner)
-        self._streams[stream.id] = stream
+    def start(self, stream_id: str, payload: dict[str, Any]) -> None:
+        """Start generating. With no reader attached yet, the wait for the first one starts now."""
+        self._run(stream_id, produce(stream_id, self.store, self.upstream, payload, self.policy))
+
+    def _run(self, stream_id: str, producer: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(producer, name=f"produce-{stream_id}")
+        self._producers[stream_id] = task
         self._idle.clear()
-        return stream
+        task.add_done_callback(lambda t: self._produced(stream_id, t))
+        if not self._readers.get(stream_id):
+            # A browser needs a moment to open the ticket URL, even when there is no grace.
+            self._start_grace(stream_id, max(self.resume_grace, FIRST_OPEN_WINDOW))
 
-    def attach(self, stream: Stream, position: int = 0) -> Reader:
-        reader = Reader(stream, position)
-        stream.readers.add(reader)
-        return reader
+    def _produced(self, stream_id: str, task: asyncio.Task[None]) -> None:
+        self._producers.pop(stream_id, None)
+        timer = self._grace.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream %s: producer crashed", stream_id, exc_info=task.exception())
+        if not self._producers:
+            self._idle.set()
+
+    def attach(self, stream_id: str, position: int = 0) -> Reader:
+        self._readers[stream_id] = self._readers.get(stream_id, 0) + 1
+        timer = self._grace.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+        return Reader(self.store, stream_id, position)
 
     def detach(self, reader: Reader) -> None:
-        """The reader's connection is gone; a stream nobody reads is stopped (grace 0)."""
+        """The reader's connection is gone; a running stream nobody reads gets its grace period."""
         reader.close()
-        stream = reader.stream
-        stream.readers.discard(reader)
-        if not stream.readers:
-            if not stream.ended:
-                log.info("stream %s: last reader left; cancelling the upstream request", stream.id)
-                stream.cancel()
-            self._forget(stream)
+        stream_id = reader.stream_id
+        remaining = self._readers.get(stream_id, 1) - 1
+        if remaining > 0:
+            self._readers[stream_id] = remaining
+            return
+        self._readers.pop(stream_id, None)
+        if stream_id in self._producers:
+            self._start_grace(stream_id, self.resume_grace)
 
-    def start(self, stream: Stream, producer: Coroutine[Any, Any, None]) -> None:
-        """Run the producer for `stream`; call after the first reader is attached (§5 step 2)."""
-        stream.producer = asyncio.get_running_loop().create_task(producer, name=f"produce-{stream.id}")
-        stream.producer.add_done_callback(lambda task: self._produced(stream, task))
+    def _start_grace(self, stream_id: str, seconds: float) -> None:
+        timer = self._grace.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+        if seconds <= 0:
+            self._grace_over(stream_id)
+        else:
+            self._grace[stream_id] = asyncio.get_running_loop().call_later(seconds, self._grace_over, stream_id)
 
-    def _produced(self, stream: Stream, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("stream %s: producer crashed", stream.id, exc_info=task.exception())
-        if not stream.readers:
-            self._forget(stream)
+    def _grace_over(self, stream_id: str) -> None:
+        self._grace.pop(stream_id, None)
+        task = self._producers.get(stream_id)
+        if task is not None and not self._readers.get(stream_id):
+            log.info("stream %s: no reader left; cancelling the upstream request", stream_id)
+            task.cancel()
 
-    def _forget(self, stream: Stream) -> None:
-        if stream.producer is None or stream.producer.done():
-            self._streams.pop(stream.id, None)
-            if not self._streams:
-                self._idle.set()
+    async def wait_started(self, stream_id: str, timeout: float) -> StreamInfo | None:
+        """The stream's state once its upstream answered (or failed), or after `timeout`."""
+        changed = asyncio.Event()
+        self.store.subscribe(stream_id, changed.set)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed.clear()
+                    info = await self.store.stream_info(stream_id)
+                    if info is None or info.state is not StreamState.PENDING:
+                        return info
+                    await changed.wait()
+        except TimeoutError:
+            return await self.store.stream_info(stream_id)
+        finally:
+            self.store.unsubscribe(stream_id, changed.set)
+
+    async def stop(self, stream_id: str) -> None:
+        """Cancel the stream's upstream request now; readers get the frames so far and [DONE]."""
+        task = self._producers.get(stream_id)
+        if task is not None:
+            log.info("stream %s: stopped", stream_id)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no stream runs, for at most `timeout` seconds; True if none is left."""
+        """Wait until no stream generates here, for at most `timeout` seconds; True if none is left."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -230,10 +279,11 @@ class StreamRegistry:
         return True
 
     async def close(self) -> None:
-        """Stop every stream still running (at shutdown, after the drain)."""
-        producers = [s.producer for s in self._streams.values() if s.producer is not None]
-        for stream in list(self._streams.values()):
-            stream.cancel()
-        await asyncio.gather(*producers, return_exceptions=True)
-        self._streams.clear()
-        self._idle.set()
+        """Stop every stream still generating (at shutdown, after the drain)."""
+        tasks = list(self._producers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for timer in self._grace.values():
+            timer.cancel()
+        self._grace.clear()

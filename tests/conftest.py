@@ -10,8 +10,11 @@ Everything runs on pytest-tornasync's per-test IOLoop; async tests run on it too
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import re
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -116,3 +119,102 @@ def closed_port() -> int:
     sock, port = bind_unused_port()
     sock.close()
     return port
+
+
+class TcpRelay:
+    """A TCP relay in front of a server, whose connections a test can break at will.
+
+    It stands for the network between a browser and the gateway: `break_all()` resets every
+    connection passing through it, as a flaky Wi-Fi would, while new ones are still accepted.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpRelay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {client_writer, server_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+                self._writers.discard(writer)
+
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+    def break_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.break_all()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+def relay(io_loop) -> Iterator[Callable[[int], Awaitable[TcpRelay]]]:
+    """`await relay(port)`: a breakable TCP relay to a local port."""
+    started: list[TcpRelay] = []
+
+    async def start(port: int) -> TcpRelay:
+        started.append(await TcpRelay(port).start())
+        return started[-1]
+
+    yield start
+    for item in started:
+        io_loop.run_sync(item.close)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture
+def browser(io_loop):
+    """Debian's headless Chromium, driven by Playwright."""
+    from playwright.async_api import async_playwright
+
+    async def launch():
+        playwright = await async_playwright().start()
+        return playwright, await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+    playwright, chromium = io_loop.run_sync(launch)
+    yield chromium
+
+    async def stop() -> None:
+        await chromium.close()
+        await playwright.stop()
+
+    io_loop.run_sync(stop)
+
+
+@pytest.fixture
+def artifacts(request) -> Path:
+    """A folder for this test's screenshots and other artifacts (test-artifacts/<test name>)."""
+    folder = Path(__file__).resolve().parents[1] / "test-artifacts" / re.sub(r"[^\w.-]", "_", request.node.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -39,6 +39,12 @@ def test_every_flag_parses():
             "--max-body-size=2048",
             "--drain-timeout=5",
             "--log-level=DEBUG",
+            "--session-secret=s3cret",
+            "--session-ttl=60",
+            "--ticket-ttl=30",
+            "--stream-retention=5",
+            "--stream-max-events=100",
+            "--retry-ms=500",
         ],
         env={},
     )
@@ -54,6 +60,8 @@ def test_every_flag_parses():
     assert settings.upstream_connect_timeout == 3 and settings.upstream_idle_timeout == 60
     assert settings.max_body_size == 2048 and settings.drain_timeout == 5
     assert settings.log_level == "debug"
+    assert settings.session_secret == "s3cret" and settings.session_ttl == 60 and settings.ticket_ttl == 30
+    assert settings.stream_retention == 5 and settings.stream_max_events == 100 and settings.retry_ms == 500
 
 
 def test_environment_fills_in_and_the_command_line_wins():
@@ -77,9 +85,10 @@ def test_secrets_from_files(tmp_path):
 
 
 def test_secrets_never_appear_in_the_repr():
-    settings = parse_settings(["--api-keys=client-secret:alice", "--upstream-api-key=sk-upstream-secret", "--admin-keys=admin-secret"], env={})
-    text = repr(settings)
-    for secret in ("client-secret", "sk-upstream-secret", "admin-secret"):
+    argv = ["--api-keys=client-secret:alice", "--upstream-api-key=sk-upstream-secret", "--admin-keys=admin-secret",
+            "--session-secret=cookie-secret"]
+    text = repr(parse_settings(argv, env={}))
+    for secret in ("client-secret", "sk-upstream-secret", "admin-secret", "cookie-secret"):
         assert secret not in text
 
 

@@ -163,7 +163,7 @@ async def test_demo_page_is_served(start_gateway, http):
 
 
 class _Broken(ApiHandler):
-    requires_auth = False
+    public_methods = frozenset({"GET"})
 
     def get(self) -> None:
         raise RuntimeError("secret internal detail")

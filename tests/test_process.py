@@ -94,7 +94,8 @@ async def test_help_lists_every_flag_with_its_environment_variable(programs):
     assert proc.returncode == 0
     for flag in ("address", "port", "upstream-url", "upstream-api-key", "redis-url", "api-keys", "admin-keys",
                  "cors-origins", "heartbeat-interval", "resume-grace", "mock-token-delay",
-                 "upstream-connect-timeout", "upstream-idle-timeout", "max-body-size", "drain-timeout"):
+                 "upstream-connect-timeout", "upstream-idle-timeout", "max-body-size", "drain-timeout",
+                 "session-secret", "session-ttl", "ticket-ttl", "stream-retention", "stream-max-events", "retry-ms"):
         assert f"--{flag}" in out
         assert "SSE_" + flag.upper().replace("-", "_") in out
 
