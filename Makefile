@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 # command:package pairs the tests need from Debian (installed only when missing)
 # (Playwright drives Debian's Chromium: it cannot download a browser of its own here.)
-DEBIAN_TEST_PACKAGES := curl:curl chromium:chromium
+DEBIAN_TEST_PACKAGES := curl:curl chromium:chromium redis-server:redis-server
 
 .PHONY: run test bench system-deps clean
 

@@ -21,6 +21,7 @@ import tornado.web
 
 from handlers import (
     ChatCompletionsHandler,
+    EventsHandler,
     HealthHandler,
     IndexHandler,
     ModelsHandler,
@@ -70,6 +71,7 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
             (r"/v1/streams", StreamsHandler, deps),
             (r"/v1/streams/([A-Za-z0-9_-]{1,64})", StreamHandler, deps),
             (r"/v1/session", SessionHandler, deps),
+            (r"/v1/events", EventsHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/", IndexHandler, deps),
         ],
@@ -110,8 +112,11 @@ async def serve(settings: Settings) -> None:
             "OPEN DEV MODE: no --api-keys given, so anyone who can reach this port can use the "
             "upstream model as user 'anonymous'. Do not expose it."
         )
-    if settings.redis_url:
-        log.warning("--redis-url is not used yet: state is kept in memory")
+    if settings.redis_url and not settings.session_secret:
+        log.warning(
+            "--redis-url without --session-secret: each instance signs session cookies with its own "
+            "random key, so a cookie works only on the instance that issued it"
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

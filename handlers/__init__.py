@@ -4,11 +4,13 @@ from .base import NotFoundHandler
 from .chat import ChatCompletionsHandler
 from .models import ModelsHandler
 from .pages import HealthHandler, IndexHandler
+from .push import EventsHandler
 from .session import SessionHandler
 from .streams import StreamHandler, StreamsHandler
 
 __all__ = [
     "ChatCompletionsHandler",
+    "EventsHandler",
     "HealthHandler",
     "IndexHandler",
     "ModelsHandler",

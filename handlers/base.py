@@ -26,6 +26,7 @@ log = logging.getLogger("sse_gateway.http")
 
 _HTTP_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT")
 DISCARD_CAP = 64 * 1024 * 1024
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 SESSION_COOKIE = "sse_session"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -191,6 +192,9 @@ class JsonBodyHandler(ApiHandler):
     """
 
     async def prepare(self) -> None:
+        if self.request.method not in BODY_METHODS:
+            await super().prepare()  # no body to wait for: authenticate now
+            return
         self.check_method()
         self._body: list[bytes] = []
         self._body_size = 0
@@ -206,6 +210,24 @@ class JsonBodyHandler(ApiHandler):
             self._body.append(chunk)
         elif self._body:
             self._body.clear()
+
+    def authenticate_admin(self) -> None:
+        """Admin routes take an admin key (`--admin-keys`), never a user's key or cookie."""
+        admins = self.services.admin_keys
+        header = self.request.headers.get("Authorization")
+        if admins.open:
+            if self.services.keys.open:
+                return  # open dev mode: no keys of any kind configured
+            raise GatewayError(403, "This route needs an admin key, and none is configured (--admin-keys).",
+                               type="permission_error", code="admin_keys_not_configured")
+        try:
+            admins.authenticate(header)
+        except GatewayError:
+            scheme, _, token = (header or "").partition(" ")
+            if scheme.lower() == "bearer" and not self.services.keys.open and self.services.keys.lookup(token.strip()):
+                raise GatewayError(403, "This route needs an admin key; this is a user's key.",
+                                   type="permission_error", code="admin_key_required") from None
+            raise
 
     async def read_body(self) -> bytes:
         """Authenticate, then return the body; 401 or 413 as GatewayErrors."""

@@ -7,7 +7,7 @@ import asyncio
 from sse_gateway.chat import ChatRequest, parse_chat_request
 
 from .base import JsonBodyHandler
-from .events import EventStreamMixin
+from .sse import EventStreamMixin
 
 
 class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
@@ -21,10 +21,13 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
         # Attach before the producer starts, so that the stream is never without a reader (§5).
-        reader = self.follow(stream_id)
-        if is_new:
-            streams.start(stream_id, request.payload)
-        await self.relay(reader, wait_for_upstream=True)
+        reader = await streams.attach(stream_id)
+        try:
+            if is_new:
+                streams.start(stream_id, request.payload)
+            await self.serve_events(reader, stream_id=stream_id, wait_for_upstream=True)
+        finally:
+            await streams.detach(reader)
 
     async def _complete(self, request: ChatRequest) -> None:
         # As a task, so that a client that hangs up cancels the upstream request too.

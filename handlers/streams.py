@@ -15,7 +15,7 @@ from sse_gateway.store import StreamInfo
 from sse_gateway.streams import parse_last_event_id
 
 from .base import JsonBodyHandler
-from .events import EventStreamMixin
+from .sse import EventStreamMixin
 
 
 def stream_not_found() -> GatewayError:
@@ -53,12 +53,15 @@ class StreamHandler(EventStreamMixin):
         if info.ended and position == info.length:
             self.set_status(204)  # the reader has everything, [DONE] included: stop reconnecting
             return
-        await self.relay(self.follow(stream_id, position), wait_for_upstream=False)
+        reader = await self.services.streams.attach(stream_id, position)
+        try:
+            await self.serve_events(reader, stream_id=stream_id)
+        finally:
+            await self.services.streams.detach(reader)
 
     async def delete(self, stream_id: str) -> None:
         await self._readable(stream_id)
-        await self.services.streams.stop(stream_id)
-        info = await self.services.store.stream_info(stream_id)
+        info = await self.services.streams.stop(stream_id)
         state = info.state.value if info is not None else "cancelled"
         self.write_json(orjson.dumps({"id": stream_id, "object": "stream", "state": state}))
 

@@ -43,6 +43,8 @@ class Settings:
     ticket_ttl: float = 600.0
     stream_retention: float = 600.0
     stream_max_events: int = 100_000
+    events_retention: float = 86_400.0
+    events_max: int = 1000
     retry_ms: int = 3000
     log_level: str = "info"
 
@@ -99,6 +101,14 @@ def parse_upstream_url(value: str) -> str:
     return url
 
 
+def _secret_url(value: str) -> str:
+    """A redis://, rediss:// or unix:// URL (it may hold a password: never echoed)."""
+    url = _read_secret(value)
+    if urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError("the Redis URL must start with redis://, rediss:// or unix://")
+    return url
+
+
 def parse_origins(value: str) -> tuple[str, ...]:
     """Exact origins (`scheme://host[:port]`) or `*`; anything else is a mistake worth stopping for."""
     origins = []
@@ -140,7 +150,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "port": (_port, "TCP port to listen on (0 picks a free one)"),
     "upstream-url": (parse_upstream_url, "OpenAI-compatible base URL ending in /v1; unset: built-in mock model"),
     "upstream-api-key": (_read_secret, "key sent to the upstream as a Bearer token (or @file)"),
-    "redis-url": (str, "redis:// URL for shared state; unset: in-memory"),
+    "redis-url": (_secret_url, "redis:// URL for shared state, as several instances need; unset: in-memory"),
     "api-keys": (parse_api_keys, "client keys as key:user,key:user (or @file); unset: open dev mode"),
     "admin-keys": (parse_admin_keys, "admin keys, comma-separated (or @file)"),
     "cors-origins": (parse_origins, "browser origins allowed to call the API, comma-separated"),
@@ -156,6 +166,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "ticket-ttl": (_number(float, minimum=0, exclusive=True), "seconds a stream's read token stays valid"),
     "stream-retention": (_number(float, minimum=0), "seconds a finished stream stays readable for resume"),
     "stream-max-events": (_number(int, minimum=3), "most events one stream may hold"),
+    "events-retention": (_number(float, minimum=0, exclusive=True), "seconds a push message waits for its user"),
+    "events-max": (_number(int, minimum=1), "push messages kept per user at most"),
     "retry-ms": (_number(int, minimum=0), "reconnection delay sent to EventSource clients (retry:), ms"),
     "log-level": (str, "debug, info, warning or error"),
 }

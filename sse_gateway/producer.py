@@ -17,10 +17,13 @@ from typing import Any
 
 from .errors import GatewayError, server_error
 from .frames import DONE_DATA, encode_event
-from .store import Store, StreamState
+from .store import Store, StoreUnavailable, StreamState
 from .upstream import ChatStream, UpstreamClient
 
 log = logging.getLogger("sse_gateway.producer")
+
+END_RETRY_SECONDS = 30.0
+END_RETRY_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,23 @@ async def produce(stream_id: str, store: Store, upstream: UpstreamClient, payloa
         state, error = StreamState.FAILED, server_error()
     finally:
         if body is not None:
-            body.close()
+            body.close()  # a failure or a stop: the upstream request ends here too
         final = [frame(error.to_json())] if error is not None else []
         final.append(frame(DONE_DATA))
-        await store.end_stream(stream_id, state, final, policy.retention, None if started else error)
+        await _record_end(store, stream_id, state, final, policy.retention, None if started else error)
+
+
+async def _record_end(store: Store, stream_id: str, state: StreamState, frames: list[bytes], retention: float,
+                      start_error: GatewayError | None) -> None:
+    """Write the end of the stream; while the store is away, keep trying for a while, so that
+    readers who resume once it is back find an ended stream rather than one forever running."""
+    deadline = asyncio.get_running_loop().time() + END_RETRY_SECONDS
+    while True:
+        try:
+            await store.end_stream(stream_id, state, frames, retention, start_error)
+            return
+        except StoreUnavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                log.error("stream %s: its end could not be recorded; the store stayed away", stream_id)
+                return
+            await asyncio.sleep(END_RETRY_INTERVAL)

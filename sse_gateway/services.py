@@ -16,6 +16,7 @@ from .cors import CorsPolicy
 from .heartbeat import HeartbeatSweeper
 from .mock_upstream import MockModel
 from .producer import LogPolicy
+from .push import PushPolicy
 from .store import Store
 from .store.memory import MemoryStore
 from .streams import StreamRegistry
@@ -32,12 +33,14 @@ __all__ = ["Services"]
 class Services:
     settings: Settings
     keys: ApiKeys
+    admin_keys: ApiKeys
     cors: CorsPolicy
     upstream: UpstreamClient
     store: Store
     streams: StreamRegistry
     tickets: ReadTickets
     sessions: Sessions
+    push_policy: PushPolicy
     sweeper: HeartbeatSweeper
     mock: MockModel | None = None  # the embedded mock model, when no --upstream-url is given
 
@@ -57,18 +60,26 @@ class Services:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
-        store = MemoryStore()
+        store: Store
+        if settings.redis_url:
+            from .store.redis import RedisStore  # only deployments with Redis need redis-py loaded
+
+            store = RedisStore(settings.redis_url)
+        else:
+            store = MemoryStore()
         policy = LogPolicy(retention=settings.stream_retention, max_events=settings.stream_max_events)
         idempotency = IdempotencyKeys(store, ttl=settings.stream_retention + IDEMPOTENCY_MARGIN)
         return cls(
             settings=settings,
             keys=ApiKeys(settings.api_keys),
+            admin_keys=ApiKeys({key: "admin" for key in settings.admin_keys}),
             cors=CorsPolicy(settings.cors_origins),
             upstream=upstream,
             store=store,
             streams=StreamRegistry(store, upstream, policy, idempotency, resume_grace=settings.resume_grace),
             tickets=ReadTickets(store, ttl=settings.ticket_ttl),
             sessions=Sessions(store, ttl=settings.session_ttl),
+            push_policy=PushPolicy(retention=settings.events_retention, keep=settings.events_max),
             sweeper=HeartbeatSweeper(settings.heartbeat_interval),
             mock=mock,
         )

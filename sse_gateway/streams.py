@@ -18,22 +18,23 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from .access import IdempotencyKeys, fingerprint
 from .errors import GatewayError, bad_request
 from .frames import PING
 from .producer import LogPolicy, produce
-from .store import Store, StreamInfo, StreamState
+from .store import Store, StoreUnavailable, StreamInfo, StreamState
 from .upstream import UpstreamClient
 
-__all__ = ["Reader", "StreamRegistry", "parse_last_event_id", "new_stream_id"]
+__all__ = ["Follower", "Reader", "StreamRegistry", "parse_last_event_id", "new_stream_id"]
 
 log = logging.getLogger("sse_gateway.streams")
 
 # The least time a new stream waits for its first reader (POST /v1/streams, then the GET).
 FIRST_OPEN_WINDOW = 5.0
+STOP_TIMEOUT = 5.0  # seconds a stop waits for another instance's producer to end the stream
 _EVENT_ID = re.compile(r"([A-Za-z0-9_-]{1,64}):(\d{1,12})")
 
 
@@ -57,24 +58,20 @@ def parse_last_event_id(value: str, info: StreamInfo) -> int:
     return seq
 
 
-class Reader:
-    """One connection's position in a stream, and the one future its writer waits on.
+class Follower:
+    """One connection's view of a log, and the one future its writer waits on.
 
-    Anything that concerns the writer (the stream changed, a heartbeat is due, the client is
-    gone) calls `wake()`. A wake that arrives while the writer is busy is remembered, so that
-    the writer looks again before it sleeps.
+    Anything that concerns the writer (the log changed, a heartbeat is due, the client is gone)
+    calls `wake()`. A wake that arrives while the writer is busy is remembered, so that the
+    writer looks again before it sleeps. Subclasses say how to fetch what is new.
     """
 
-    def __init__(self, store: Store, stream_id: str, position: int) -> None:
-        self.store = store
-        self.stream_id = stream_id
-        self.position = position  # how many frames this reader has been given
+    def __init__(self) -> None:
         self.closed = False
         self.last_write = time.monotonic()
         self._heartbeat_due = False
         self._dirty = False
         self._wake: asyncio.Future[None] | None = None
-        store.subscribe(stream_id, self.wake)
 
     def wake(self) -> None:
         self._dirty = True
@@ -89,8 +86,11 @@ class Reader:
         """The connection is gone (or done): wake the writer so that it stops."""
         if not self.closed:
             self.closed = True
-            self.store.unsubscribe(self.stream_id, self.wake)
+            self._release()
             self.wake()
+
+    def _release(self) -> None:
+        """Stop being woken by the store."""
 
     async def _sleep(self) -> None:
         if self._dirty:
@@ -100,6 +100,48 @@ class Reader:
             await self._wake
         finally:
             self._wake = None
+
+    async def _fetch(self) -> tuple[bytes, bool]:
+        """What is new, as bytes to write, and whether the log has ended."""
+        raise NotImplementedError
+
+    async def next_batch(self) -> bytes | None:
+        """All frames ready to send as one buffer, or a heartbeat; None once there is no more."""
+        while not self.closed:
+            self._dirty = False
+            batch, ended = await self._fetch()
+            if batch:
+                return self._sent(batch)
+            if ended:
+                return None
+            if self._heartbeat_due:
+                return self._sent(PING)
+            await self._sleep()
+        return None
+
+    async def delivered(self) -> None:
+        """The last batch has been handed to the client's socket."""
+
+    def _sent(self, data: bytes) -> bytes:
+        self._heartbeat_due = False
+        self.last_write = time.monotonic()
+        return data
+
+
+class Reader(Follower):
+    """A reader of one stream's log, from `position` on."""
+
+    def __init__(self, store: Store, stream_id: str, position: int) -> None:
+        super().__init__()
+        self.store = store
+        self.stream_id = stream_id
+        self.position = position  # how many frames this reader has been given
+
+    async def start(self) -> None:
+        await self.store.watch_stream(self.stream_id, self.wake)
+
+    def _release(self) -> None:
+        self.store.unwatch_stream(self.stream_id, self.wake)
 
     async def wait_until_started(self) -> GatewayError | None:
         """Wait for the upstream's head, a failure before it, or one heartbeat interval.
@@ -119,29 +161,20 @@ class Reader:
             await self._sleep()
         return None
 
-    async def next_batch(self) -> bytes | None:
-        """All frames ready to send as one buffer, or a heartbeat; None once there is no more."""
-        while not self.closed:
-            self._dirty = False
-            frames, info = await self.store.read(self.stream_id, self.position)
-            if frames:
-                self.position += len(frames)
-                return self._sent(frames[0] if len(frames) == 1 else b"".join(frames))
-            if info is None or info.ended:
-                return None
-            if self._heartbeat_due:
-                return self._sent(PING)
-            await self._sleep()
-        return None
-
-    def _sent(self, data: bytes) -> bytes:
-        self._heartbeat_due = False
-        self.last_write = time.monotonic()
-        return data
+    async def _fetch(self) -> tuple[bytes, bool]:
+        frames, info = await self.store.read(self.stream_id, self.position)
+        self.position += len(frames)
+        batch = frames[0] if len(frames) == 1 else b"".join(frames)
+        return batch, info is None or (info.ended and self.position >= info.length)
 
 
 class StreamRegistry:
-    """The producers running in this process, and the readers attached here."""
+    """The producers running in this process; readers counted across every instance.
+
+    Grace and stop are decided by the instance that runs a stream's producer. Readers on any
+    instance are counted in the store; when the count falls to zero, or a stop is asked for,
+    the producing instance is told over the store's control bus.
+    """
 
     def __init__(
         self,
@@ -158,10 +191,11 @@ class StreamRegistry:
         self.idempotency = idempotency
         self.resume_grace = resume_grace
         self._producers: dict[str, asyncio.Task[None]] = {}
-        self._readers: dict[str, int] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._checks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        store.on_control(self._on_control)
 
     def __len__(self) -> int:
         """Streams generating in this process."""
@@ -172,7 +206,7 @@ class StreamRegistry:
         (its id, False) when the same user already sent this request with this Idempotency-Key.
         """
         stream_id = new_stream_id()
-        await self.store.create_stream(stream_id, owner)
+        await self.store.create_stream(stream_id, owner, self.store.instance)
         if idempotency_key is None:
             return stream_id, True
         request = fingerprint(payload)
@@ -188,17 +222,14 @@ class StreamRegistry:
         return earlier, False
 
     def start(self, stream_id: str, payload: dict[str, Any]) -> None:
-        """Start generating. With no reader attached yet, the wait for the first one starts now."""
-        self._run(stream_id, produce(stream_id, self.store, self.upstream, payload, self.policy))
-
-    def _run(self, stream_id: str, producer: Coroutine[Any, Any, None]) -> None:
+        """Start generating. Without a reader, the stream is cancelled once the grace is over
+        (`FIRST_OPEN_WINDOW` at the least: a browser needs a moment to open the ticket URL)."""
+        producer = produce(stream_id, self.store, self.upstream, payload, self.policy)
         task = asyncio.get_running_loop().create_task(producer, name=f"produce-{stream_id}")
         self._producers[stream_id] = task
         self._idle.clear()
         task.add_done_callback(lambda t: self._produced(stream_id, t))
-        if not self._readers.get(stream_id):
-            # A browser needs a moment to open the ticket URL, even when there is no grace.
-            self._start_grace(stream_id, max(self.resume_grace, FIRST_OPEN_WINDOW))
+        self._start_grace(stream_id, max(self.resume_grace, FIRST_OPEN_WINDOW))
 
     def _produced(self, stream_id: str, task: asyncio.Task[None]) -> None:
         self._producers.pop(stream_id, None)
@@ -210,77 +241,114 @@ class StreamRegistry:
         if not self._producers:
             self._idle.set()
 
-    def attach(self, stream_id: str, position: int = 0) -> Reader:
-        self._readers[stream_id] = self._readers.get(stream_id, 0) + 1
-        timer = self._grace.pop(stream_id, None)
-        if timer is not None:
-            timer.cancel()
-        return Reader(self.store, stream_id, position)
+    async def attach(self, stream_id: str, position: int = 0) -> Reader:
+        """A reader of the stream from `position`, woken by its changes from now on."""
+        reader = Reader(self.store, stream_id, position)
+        await reader.start()
+        try:
+            if await self.store.add_reader(stream_id) == 1:
+                await self._tell_producer(stream_id, "attach")
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
-    def detach(self, reader: Reader) -> None:
+    async def detach(self, reader: Reader) -> None:
         """The reader's connection is gone; a running stream nobody reads gets its grace period."""
         reader.close()
-        stream_id = reader.stream_id
-        remaining = self._readers.get(stream_id, 1) - 1
-        if remaining > 0:
-            self._readers[stream_id] = remaining
+        try:
+            if await self.store.remove_reader(reader.stream_id) == 0:
+                await self._tell_producer(reader.stream_id, "idle")
+        except StoreUnavailable:
+            log.warning("stream %s: could not count a reader leaving", reader.stream_id)
+
+    async def _tell_producer(self, stream_id: str, verb: str) -> None:
+        info = await self.store.stream_info(stream_id)
+        if info is not None and not info.ended:
+            await self.store.send_control(info.instance, verb, stream_id)
+
+    def _on_control(self, verb: str, stream_id: str) -> None:
+        """A message for the producer of `stream_id`, from this instance or another."""
+        task = self._producers.get(stream_id)
+        if task is None:
             return
-        self._readers.pop(stream_id, None)
-        if stream_id in self._producers:
+        if verb == "attach":
+            timer = self._grace.pop(stream_id, None)
+            if timer is not None:
+                timer.cancel()
+        elif verb == "idle":
             self._start_grace(stream_id, self.resume_grace)
+        elif verb == "stop":
+            log.info("stream %s: stopped", stream_id)
+            task.cancel()
 
     def _start_grace(self, stream_id: str, seconds: float) -> None:
         timer = self._grace.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
-        if seconds <= 0:
-            self._grace_over(stream_id)
-        else:
-            self._grace[stream_id] = asyncio.get_running_loop().call_later(seconds, self._grace_over, stream_id)
+        self._grace[stream_id] = asyncio.get_running_loop().call_later(seconds, self._grace_over, stream_id)
 
     def _grace_over(self, stream_id: str) -> None:
         self._grace.pop(stream_id, None)
+        check = asyncio.ensure_future(self._cancel_if_unread(stream_id))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _cancel_if_unread(self, stream_id: str) -> None:
         task = self._producers.get(stream_id)
-        if task is not None and not self._readers.get(stream_id):
+        try:
+            unread = task is not None and await self.store.readers(stream_id) == 0
+        except StoreUnavailable:
+            return  # the producer fails on its own while the store is away
+        if unread and task is not None:
             log.info("stream %s: no reader left; cancelling the upstream request", stream_id)
             task.cancel()
 
     async def wait_started(self, stream_id: str, timeout: float) -> StreamInfo | None:
         """The stream's state once its upstream answered (or failed), or after `timeout`."""
+        return await self._wait_state(stream_id, timeout, lambda info: info.state is not StreamState.PENDING)
+
+    async def _wait_state(self, stream_id: str, timeout: float, done: Callable[[StreamInfo], bool]) -> StreamInfo | None:
         changed = asyncio.Event()
-        self.store.subscribe(stream_id, changed.set)
+        await self.store.watch_stream(stream_id, changed.set)
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     changed.clear()
                     info = await self.store.stream_info(stream_id)
-                    if info is None or info.state is not StreamState.PENDING:
+                    if info is None or done(info):
                         return info
                     await changed.wait()
         except TimeoutError:
             return await self.store.stream_info(stream_id)
         finally:
-            self.store.unsubscribe(stream_id, changed.set)
+            self.store.unwatch_stream(stream_id, changed.set)
 
-    async def stop(self, stream_id: str) -> None:
-        """Cancel the stream's upstream request now; readers get the frames so far and [DONE]."""
+    async def stop(self, stream_id: str) -> StreamInfo | None:
+        """Cancel the stream's upstream request now, wherever it runs; its state after."""
         task = self._producers.get(stream_id)
         if task is not None:
             log.info("stream %s: stopped", stream_id)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            return await self.store.stream_info(stream_id)
+        info = await self.store.stream_info(stream_id)
+        if info is None or info.ended:
+            return info
+        await self.store.send_control(info.instance, "stop", stream_id)
+        return await self._wait_state(stream_id, STOP_TIMEOUT, lambda i: i.ended)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no stream generates here, for at most `timeout` seconds; True if none is left."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return False
         return True
 
     async def close(self) -> None:
         """Stop every stream still generating (at shutdown, after the drain)."""
-        tasks = list(self._producers.values())
+        tasks = list(self._producers.values()) + list(self._checks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,75 @@ def mock_model(io_loop) -> Iterator[MockModel]:
     io_loop.run_sync(model.close)
 
 
+class RedisServer:
+    """A real redis-server on a free port, in its own folder, with append-only persistence
+    fsynced on every write (so that anything acknowledged survives a kill)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if not self.port:
+            sock, self.port = bind_unused_port()
+            sock.close()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "notice"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # blocks until redis-server says it is ready (or dies)
+            if b"Ready to accept connections" in line:
+                return self
+        raise RuntimeError(f"redis-server did not start (exit {self.proc.wait()})")
+
+    def kill(self) -> None:
+        """Die at once, as in a crash (SIGKILL)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def flush(self) -> None:
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            client.flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
 @pytest.fixture
-def start_gateway(io_loop, mock_model: MockModel) -> Iterator[Callable[..., Gateway]]:
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared test Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def backend() -> str:
+    """The store behind the gateways of a test; modules parametrize it over memory and redis."""
+    return "memory"
+
+
+@pytest.fixture
+def start_gateway(io_loop, mock_model: MockModel, backend: str, request) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
+    store_url = request.getfixturevalue("redis_url") if backend == "redis" else None
 
     def start(**overrides: Any) -> Gateway:
-        fields: dict[str, Any] = {"upstream_url": mock_model.base_url, "mock_token_delay": 0.0}
+        fields: dict[str, Any] = {"upstream_url": mock_model.base_url, "mock_token_delay": 0.0, "redis_url": store_url}
         fields.update(overrides)
         gateway = Gateway(dataclasses.replace(Settings(), **fields))
         started.append(gateway)

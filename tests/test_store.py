@@ -53,7 +53,7 @@ async def test_expire_gives_a_new_lifetime():
 async def test_janitor_releases_memory_without_lookups():
     store = MemoryStore()
     await store.put("short", b"v", ttl=0.05)
-    await store.create_stream("s", "u")
+    await store.create_stream("s", "u", store.instance)
     await store.end_stream("s", StreamState.DONE, [b"x"], retention=0.1)
     await asyncio.wait_for(store.wait_empty(), timeout=2)
     assert len(store) == 0
@@ -63,8 +63,9 @@ async def test_janitor_releases_memory_without_lookups():
 async def test_an_expired_stream_waits_for_its_last_reader():
     clock = Clock()
     store = MemoryStore(clock)
-    await store.create_stream("s", "u")
+    await store.create_stream("s", "u", store.instance)
     reader = Reader(store, "s", 0)
+    await reader.start()
     await store.end_stream("s", StreamState.DONE, [b"a", b"b"], retention=1)
     clock.now += 2
     assert await reader.next_batch() == b"ab"  # still readable: its reader was attached
@@ -76,8 +77,9 @@ async def test_an_expired_stream_waits_for_its_last_reader():
 async def test_ready_frames_are_taken_in_one_batch():
     # When several frames wait, the writer gets them all at once, so one flush carries them.
     store = MemoryStore()
-    await store.create_stream("s", "u")
+    await store.create_stream("s", "u", store.instance)
     reader = Reader(store, "s", 0)
+    await reader.start()
     await store.append("s", [b"1"])
     await store.append("s", [b"2"])
     await store.append("s", [b"3"])
@@ -90,8 +92,9 @@ async def test_ready_frames_are_taken_in_one_batch():
 
 async def test_a_sleeping_reader_wakes_for_frames_and_heartbeats():
     store = MemoryStore()
-    await store.create_stream("s", "u")
+    await store.create_stream("s", "u", store.instance)
     reader = Reader(store, "s", 0)
+    await reader.start()
     waiting = asyncio.ensure_future(reader.next_batch())
     await asyncio.sleep(0)  # the reader is now asleep
     await store.append("s", [b"x"])

@@ -1,13 +1,21 @@
-"""Where stream logs and short-lived keys live: one interface, one backend per engine.
+"""Where shared state lives: one interface, one backend per engine (DESIGN.md §2, §4.2, §4.3).
 
-As in encode/broadcaster, the backend is chosen by URL: no `--redis-url` gives `MemoryStore`
-(embedded, one process). A backend keeps two kinds of things:
+As in encode/broadcaster, the URL picks the backend: no `--redis-url` gives `MemoryStore`
+(embedded, one process); `redis://…` gives `RedisStore`, which several gateway instances share.
+A backend keeps:
 
-- stream logs: a stream's owner and state, and its frames in order. Frames are stored already
-  encoded (`id: <stream>:<seq>` + `data:` + blank line), so that readers only concatenate. One
-  producer writes a stream; any number of readers read it, from any position, and are woken
-  through `subscribe()` when it changes. Ended streams expire `retention` seconds after the end.
-- keys with an expiry (read tickets, sessions, idempotency keys): bytes under a string key.
+- stream logs: a stream's owner, state and producing instance, and its frames in order. Frames
+  are stored already encoded (`id: <stream>:<seq>` + `data:` + blank line), so that readers only
+  concatenate. One producer writes a stream; readers on any instance read it from any position
+  and are woken through `watch_stream()`. Ended streams expire `retention` seconds after the end.
+  The number of readers is counted across instances, for the resume grace.
+- per-user message channels (push): messages with unique, increasing ids, kept for a retention
+  window, and each user's cursor (the last message delivered to any of the user's connections).
+- keys with an expiry (read tickets, sessions, idempotency keys).
+- a control bus: short messages to the instance that produces a stream (stop it; its readers
+  came or went).
+
+Every method may raise `StoreUnavailable` (a 503) when the backend cannot be reached.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from dataclasses import dataclass
 
 from ..errors import GatewayError
 
-__all__ = ["Store", "StreamInfo", "StreamState", "ENDED"]
+__all__ = ["ENDED", "Message", "Store", "StoreUnavailable", "StreamInfo", "StreamState", "Wake"]
+
+Wake = Callable[[], None]
 
 
 class StreamState(enum.Enum):
@@ -33,12 +43,24 @@ class StreamState(enum.Enum):
 ENDED = frozenset({StreamState.DONE, StreamState.FAILED, StreamState.CANCELLED})
 
 
+class StoreUnavailable(GatewayError):
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "The gateway's shared state store is unavailable; try again shortly.",
+            type="server_error",
+            code="store_unavailable",
+            retry_after=1,
+        )
+
+
 @dataclass(frozen=True)
 class StreamInfo:
     id: str
     owner: str
     state: StreamState
     length: int  # frames in the log; the last one is [DONE] once the stream has ended
+    instance: str = ""  # the gateway instance whose producer writes the stream
     # A failure before the upstream's head: the first reader can still answer with its status.
     start_error: GatewayError | None = None
 
@@ -47,12 +69,27 @@ class StreamInfo:
         return self.state in ENDED
 
 
+@dataclass(frozen=True)
+class Message:
+    """One push message of a user's channel."""
+
+    id: str  # "<milliseconds>-<sequence>": unique and increasing within the channel
+    event: str
+    data: bytes  # compact JSON
+
+
+def message_id_key(message_id: str) -> tuple[int, int]:
+    """Message ids in order: "<ms>-<seq>" compared as numbers."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Store(abc.ABC):
     # --- stream logs ---------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_stream(self, stream_id: str, owner: str) -> None:
-        """A new, empty, PENDING stream."""
+    async def create_stream(self, stream_id: str, owner: str, instance: str) -> None:
+        """A new, empty, PENDING stream, produced by `instance`."""
 
     @abc.abstractmethod
     async def stream_info(self, stream_id: str) -> StreamInfo | None:
@@ -78,14 +115,60 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
-        """The frames after the first `after` ones, and the stream's state when they were read."""
+        """Frames after the first `after` ones (a bounded batch), and the stream's state then."""
 
     @abc.abstractmethod
-    def subscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
-        """Call `wake()` whenever the stream gets frames or changes state."""
+    async def watch_stream(self, stream_id: str, wake: Wake) -> None:
+        """Call `wake()` whenever the stream changes, from any instance; live once this returns."""
 
     @abc.abstractmethod
-    def unsubscribe(self, stream_id: str, wake: Callable[[], None]) -> None: ...
+    def unwatch_stream(self, stream_id: str, wake: Wake) -> None: ...
+
+    @abc.abstractmethod
+    async def add_reader(self, stream_id: str) -> int:
+        """Count one more reader (on any instance); return the count."""
+
+    @abc.abstractmethod
+    async def remove_reader(self, stream_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def readers(self, stream_id: str) -> int: ...
+
+    # --- control bus between instances ---------------------------------------------------
+
+    instance: str  # this process's instance id
+
+    @abc.abstractmethod
+    def on_control(self, handler: Callable[[str, str], None]) -> None:
+        """Have `handler(verb, stream_id)` called for control messages sent to this instance."""
+
+    @abc.abstractmethod
+    async def send_control(self, instance: str, verb: str, stream_id: str) -> None: ...
+
+    # --- push messages -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish(self, user: str, event: str, data: bytes, retention: float, keep: int) -> str:
+        """Add a message to the user's channel (kept `retention` s, `keep` at most); its id."""
+
+    @abc.abstractmethod
+    async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
+        """The user's messages after id `after` (all retained when None), a bounded batch."""
+
+    @abc.abstractmethod
+    async def watch_user(self, user: str, wake: Wake) -> None:
+        """Call `wake()` whenever the user's channel gets a message; live once this returns."""
+
+    @abc.abstractmethod
+    def unwatch_user(self, user: str, wake: Wake) -> None: ...
+
+    @abc.abstractmethod
+    async def cursor(self, user: str) -> str | None:
+        """The id of the last message delivered to any of the user's connections."""
+
+    @abc.abstractmethod
+    async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
+        """Move the cursor to `message_id` unless it is already further."""
 
     # --- keys with an expiry ---------------------------------------------------------------
 
@@ -103,5 +186,14 @@ class Store(abc.ABC):
     async def expire(self, key: str, ttl: float) -> None:
         """Give a live key a new time to live."""
 
-    async def close(self) -> None:
+    # --- life --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the backend answers."""
+
+    async def close(self) -> None:  # noqa: B027 (optional for backends with nothing to release)
         """Release connections and tasks."""
+
+
+READ_BATCH = 1000  # frames or messages one read returns at most: replays come in slices

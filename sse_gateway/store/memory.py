@@ -7,14 +7,16 @@ one janitor task that sleeps until the earliest expiry, rather than by a timer p
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
 from ..errors import GatewayError
-from . import Store, StreamInfo, StreamState
+from . import READ_BATCH, Message, Store, StreamInfo, StreamState, Wake, message_id_key
 
 __all__ = ["MemoryStore"]
 
@@ -22,26 +24,37 @@ log = logging.getLogger("sse_gateway.store")
 
 
 class _Log:
-    __slots__ = ("owner", "state", "frames", "start_error", "subscribers", "expires_at")
+    __slots__ = ("owner", "instance", "state", "frames", "start_error", "watchers", "readers", "expires_at")
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, instance: str) -> None:
         self.owner = owner
+        self.instance = instance
         self.state = StreamState.PENDING
         self.frames: list[bytes] = []
         self.start_error: GatewayError | None = None
-        self.subscribers: set[Callable[[], None]] = set()
+        self.watchers: set[Wake] = set()
+        self.readers = 0
         self.expires_at: float | None = None  # set when the stream ends
 
+    def info(self, stream_id: str) -> StreamInfo:
+        return StreamInfo(stream_id, self.owner, self.state, len(self.frames), self.instance, self.start_error)
+
     def notify(self) -> None:
-        for wake in self.subscribers:
+        for wake in self.watchers:
             wake()
 
 
 class MemoryStore(Store):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.instance = secrets.token_hex(6)
         self._clock = clock
         self._streams: dict[str, _Log] = {}
         self._keys: dict[str, tuple[bytes, float]] = {}
+        self._channels: dict[str, collections.deque[Message]] = {}
+        self._channel_expiry: dict[str, float] = {}
+        self._user_watchers: dict[str, set[Wake]] = {}
+        self._last_id = (0, 0)
+        self._control: Callable[[str, str], None] | None = None
         self._expiries: list[tuple[float, str, str]] = []  # heap of (when, kind, name)
         self._janitor: asyncio.Task[None] | None = None
         self._earlier = asyncio.Event()  # an expiry earlier than the janitor's next one arrived
@@ -50,8 +63,8 @@ class MemoryStore(Store):
         self._streams_released = asyncio.Event()
 
     def __len__(self) -> int:
-        """Streams and keys held, expired ones not yet released included."""
-        return len(self._streams) + len(self._keys)
+        """Streams, channels and keys held, expired ones not yet released included."""
+        return len(self._streams) + len(self._keys) + len(self._channels)
 
     async def wait_empty(self) -> None:
         """Until nothing is held any more (everything has ended and expired)."""
@@ -77,15 +90,15 @@ class MemoryStore(Store):
             delay = self._expiries[0][0] - self._clock()
             if delay > 0:
                 self._earlier.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._earlier.wait(), delay)
-                except TimeoutError:
-                    pass
                 continue
             _, kind, name = heapq.heappop(self._expiries)
             # The entry may have been given a new expiry, or deleted, since it was scheduled.
             if kind == "stream":
                 self._stream(name)
+            elif kind == "channel":
+                self._channel_expired(name)
             else:
                 self._key(name)
         self._janitor = None
@@ -94,14 +107,17 @@ class MemoryStore(Store):
         if not self._streams:
             self._streams_released.set()
             self._streams_released = asyncio.Event()
-            if not self._keys:
+            if not self._keys and not self._channels:
                 self._empty.set()
+
+    def _held(self) -> None:
+        self._empty.clear()
 
     def _stream(self, stream_id: str) -> _Log | None:
         """The live stream, releasing it if it has expired."""
         stream = self._streams.get(stream_id)
         if stream is not None and stream.expires_at is not None and stream.expires_at <= self._clock():
-            if stream.subscribers:  # a reader is still writing out its last frames
+            if stream.watchers:  # a reader is still writing out its last frames
                 return stream
             del self._streams[stream_id]
             self._released()
@@ -120,17 +136,15 @@ class MemoryStore(Store):
 
     # --- stream logs -----------------------------------------------------------------------
 
-    async def create_stream(self, stream_id: str, owner: str) -> None:
+    async def create_stream(self, stream_id: str, owner: str, instance: str) -> None:
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id} exists")
-        self._streams[stream_id] = _Log(owner)
-        self._empty.clear()
+        self._streams[stream_id] = _Log(owner, instance)
+        self._held()
 
     async def stream_info(self, stream_id: str) -> StreamInfo | None:
         stream = self._stream(stream_id)
-        if stream is None:
-            return None
-        return StreamInfo(stream_id, stream.owner, stream.state, len(stream.frames), stream.start_error)
+        return stream.info(stream_id) if stream is not None else None
 
     async def set_running(self, stream_id: str) -> None:
         stream = self._streams[stream_id]
@@ -163,20 +177,117 @@ class MemoryStore(Store):
         stream = self._stream(stream_id)
         if stream is None:
             return [], None
-        info = StreamInfo(stream_id, stream.owner, stream.state, len(stream.frames), stream.start_error)
-        return stream.frames[after:], info
+        return stream.frames[after : after + READ_BATCH], stream.info(stream_id)
 
-    def subscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
+    async def watch_stream(self, stream_id: str, wake: Wake) -> None:
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.subscribers.add(wake)
+            stream.watchers.add(wake)
 
-    def unsubscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
+    def unwatch_stream(self, stream_id: str, wake: Wake) -> None:
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.subscribers.discard(wake)
-            if not stream.subscribers and stream.expires_at is not None and stream.expires_at <= self._clock():
+            stream.watchers.discard(wake)
+            if not stream.watchers and stream.expires_at is not None and stream.expires_at <= self._clock():
                 self._stream(stream_id)  # it only waited for this reader
+
+    async def add_reader(self, stream_id: str) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        stream.readers += 1
+        return stream.readers
+
+    async def remove_reader(self, stream_id: str) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        stream.readers = max(0, stream.readers - 1)
+        return stream.readers
+
+    async def readers(self, stream_id: str) -> int:
+        stream = self._streams.get(stream_id)
+        return stream.readers if stream is not None else 0
+
+    # --- control bus: one instance, so a message is a call ------------------------------
+
+    def on_control(self, handler: Callable[[str, str], None]) -> None:
+        self._control = handler
+
+    async def send_control(self, instance: str, verb: str, stream_id: str) -> None:
+        if self._control is not None and instance == self.instance:
+            self._control(verb, stream_id)
+
+    # --- push messages -----------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        ms, seq = int(time.time() * 1000), 0
+        if ms <= self._last_id[0]:
+            ms, seq = self._last_id[0], self._last_id[1] + 1
+        self._last_id = (ms, seq)
+        return f"{ms}-{seq}"
+
+    def _channel(self, user: str, retention: float) -> collections.deque[Message]:
+        """The user's channel, without the messages older than `retention` seconds."""
+        channel = self._channels.get(user)
+        if channel is None:
+            return collections.deque()
+        oldest_ms = (time.time() - retention) * 1000
+        while channel and message_id_key(channel[0].id)[0] < oldest_ms:
+            channel.popleft()
+        if not channel:
+            self._drop_channel(user)
+        return channel
+
+    def _drop_channel(self, user: str) -> None:
+        self._channels.pop(user, None)
+        self._channel_expiry.pop(user, None)
+        self._released()
+
+    def _channel_expired(self, user: str) -> None:
+        """The janitor: a channel whose newest message is past the retention goes."""
+        expiry = self._channel_expiry.get(user)
+        if expiry is not None and expiry <= self._clock():
+            self._drop_channel(user)
+
+    async def publish(self, user: str, event: str, data: bytes, retention: float, keep: int) -> str:
+        message = Message(self._next_id(), event, data)
+        channel = self._channels.setdefault(user, collections.deque())
+        channel.append(message)
+        while len(channel) > keep:
+            channel.popleft()
+        self._held()
+        self._channel(user, retention)
+        self._channel_expiry[user] = self._clock() + retention
+        self._schedule(self._channel_expiry[user], "channel", user)
+        for wake in self._user_watchers.get(user, ()):
+            wake()
+        return message.id
+
+    async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
+        channel = self._channel(user, retention)
+        start = message_id_key(after) if after is not None else (-1, -1)
+        newer = [m for m in channel if message_id_key(m.id) > start]
+        return newer[:READ_BATCH]
+
+    async def watch_user(self, user: str, wake: Wake) -> None:
+        self._user_watchers.setdefault(user, set()).add(wake)
+
+    def unwatch_user(self, user: str, wake: Wake) -> None:
+        watchers = self._user_watchers.get(user)
+        if watchers is not None:
+            watchers.discard(wake)
+            if not watchers:
+                del self._user_watchers[user]
+
+    async def cursor(self, user: str) -> str | None:
+        value = self._key(f"cursor:{user}")
+        return value.decode() if value is not None else None
+
+    async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
+        current = await self.cursor(user)
+        if current is None or message_id_key(message_id) > message_id_key(current):
+            await self.put(f"cursor:{user}", message_id.encode(), retention)
 
     # --- keys with an expiry ---------------------------------------------------------------
 
@@ -187,7 +298,7 @@ class MemoryStore(Store):
                 return existing
         expires_at = self._clock() + ttl
         self._keys[key] = (value, expires_at)
-        self._empty.clear()
+        self._held()
         self._schedule(expires_at, "key", key)
         return None
 
@@ -204,6 +315,9 @@ class MemoryStore(Store):
             expires_at = self._clock() + ttl
             self._keys[key] = (value, expires_at)
             self._schedule(expires_at, "key", key)
+
+    async def ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         if self._janitor is not None:

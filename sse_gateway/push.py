@@ -1,0 +1,93 @@
+"""Push messages to a user, wherever the user is connected (DESIGN.md §4.3).
+
+A service publishes `{"user", "event", "data"}` with an admin key; the message goes into the
+user's channel in the store with a unique, increasing id, and every connection of that user, on
+every instance, is woken to read it. A connection starts after its `Last-Event-ID`, or, without
+one, after the user's cursor: the last message delivered to any of the user's connections, so
+that what was published while the user was away arrives on connect (within the retention).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import bad_request
+from .frames import encode_event
+from .store import Store
+from .streams import Follower
+
+__all__ = ["PushPolicy", "UserFeed", "parse_message_id", "parse_publish"]
+
+_MESSAGE_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_EVENT_NAME = re.compile(r"[^\r\n\0]{1,128}")
+MAX_USER = 256
+
+
+@dataclass(frozen=True)
+class PushPolicy:
+    retention: float  # seconds a message waits for its user
+    keep: int  # messages kept per user at most
+
+
+def parse_message_id(value: str) -> str:
+    if not _MESSAGE_ID.fullmatch(value):
+        raise bad_request("Last-Event-ID is malformed; expected a message id like 1700000000000-0.",
+                          param="Last-Event-ID", code="invalid_last_event_id")
+    return value
+
+
+def parse_publish(body: bytes) -> tuple[str, str, bytes]:
+    """(user, event name, compact JSON data) from a publish request; 400 naming the bad field."""
+    try:
+        payload: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    user = payload.get("user")
+    if not isinstance(user, str) or not user or len(user) > MAX_USER:
+        raise bad_request(f"'user' must be a non-empty string of at most {MAX_USER} characters.", param="user",
+                          code="invalid_value")
+    event = payload.get("event", "message")
+    # CR, LF or NUL in an event name would let the publisher forge frames (frames.py).
+    if not isinstance(event, str) or not _EVENT_NAME.fullmatch(event):
+        raise bad_request("'event' must be 1 to 128 characters without CR, LF or NUL.", param="event",
+                          code="invalid_value")
+    if "data" not in payload:
+        raise bad_request("Missing required parameter: 'data'.", param="data", code="missing_required_parameter")
+    return user, event, orjson.dumps(payload["data"])
+
+
+class UserFeed(Follower):
+    """One connection's view of a user's channel: messages after `after`, then live ones."""
+
+    def __init__(self, store: Store, user: str, after: str | None, policy: PushPolicy) -> None:
+        super().__init__()
+        self.store = store
+        self.user = user
+        self.after = after
+        self.policy = policy
+        self._cursor = after
+
+    async def start(self) -> None:
+        """Subscribe: from here on, nothing published can be missed."""
+        await self.store.watch_user(self.user, self.wake)
+
+    def _release(self) -> None:
+        self.store.unwatch_user(self.user, self.wake)
+
+    async def _fetch(self) -> tuple[bytes, bool]:
+        messages = await self.store.messages_after(self.user, self.after, self.policy.retention)
+        if not messages:
+            return b"", False
+        self.after = messages[-1].id
+        return b"".join(encode_event(m.data, id=m.id, event=m.event) for m in messages), False
+
+    async def delivered(self) -> None:
+        if self.after is not None and self.after != self._cursor:
+            await self.store.advance_cursor(self.user, self.after, self.policy.retention)
+            self._cursor = self.after
