@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from tornado.iostream import StreamClosedError
 
 from sse_gateway.errors import GatewayError
@@ -61,10 +63,8 @@ class EventStreamMixin(ApiHandler):
             # The head is out: the failure (the store gone, say) becomes an error frame. Neither
             # frame has an id, so the client's Last-Event-ID still says what it really has.
             self.write(encode_event(error.to_json()) + encode_event(DONE_DATA))
-            try:
+            with contextlib.suppress(StreamClosedError):
                 await self.flush()
-            except StreamClosedError:
-                pass
 
     def on_connection_close(self) -> None:
         if self._follower is not None:

@@ -54,11 +54,13 @@ async def produce(stream_id: str, store: Store, upstream: UpstreamClient, payloa
         body = await upstream.open_chat_stream(payload)
         await store.set_running(stream_id)
         started = True
-        async with contextlib.aclosing(body.chunks()) as chunks:
-            async for chunk in chunks:
-                if seq >= policy.max_events - 2:  # room for the error frame and [DONE]
+        async with contextlib.aclosing(body.batches()) as batches:
+            async for batch in batches:
+                room = policy.max_events - 2 - seq  # keep room for the error frame and [DONE]
+                if batch[:room]:
+                    await store.append(stream_id, [frame(chunk.raw) for chunk in batch[:room]])
+                if len(batch) > room:
                     raise too_long(policy.max_events)
-                await store.append(stream_id, [frame(chunk.raw)])
     except GatewayError as exc:
         log.info("stream %s failed: %s %s", stream_id, exc.status, exc.code)
         state, error = StreamState.FAILED, exc

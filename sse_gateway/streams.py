@@ -342,7 +342,7 @@ class StreamRegistry:
         """Wait until no stream generates here, for at most `timeout` seconds; True if none is left."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

@@ -151,25 +151,40 @@ def _has_finish_reason(obj: dict[str, Any]) -> bool:
 
 
 class ChatStream:
-    """The body of one streaming answer, after its head: read `chunks()`; `close()` when done."""
+    """The body of one streaming answer, after its head: read `batches()`; `close()` when done."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.finished = False  # saw [DONE], or the stream ended after a finish_reason
 
-    async def chunks(self) -> AsyncGenerator[Chunk, None]:
-        """The upstream's chunks until its [DONE]; any failure raises an UpstreamError."""
+    async def batches(self) -> AsyncGenerator[list[Chunk], None]:
+        """The upstream's chunks until its [DONE], as they arrive: the chunks of one read come
+        together, so that they are stored and sent together. Any failure raises an
+        UpstreamError, after the good chunks before it."""
         decoder = SSEDecoder()
         saw_finish_reason = False
         try:
             async for data in self._response.content.iter_any():
-                for event in decoder.feed(data):
-                    if event.data == "[DONE]":
-                        self.finished = True
-                        return
-                    chunk = self._parse(event.event, event.data)
-                    saw_finish_reason = saw_finish_reason or _has_finish_reason(chunk.obj)
-                    yield chunk
+                batch: list[Chunk] = []
+                failure: UpstreamError | None = None
+                done = False
+                try:
+                    for event in decoder.feed(data):
+                        if event.data == "[DONE]":
+                            done = True
+                            break
+                        chunk = self._parse(event.event, event.data)
+                        saw_finish_reason = saw_finish_reason or _has_finish_reason(chunk.obj)
+                        batch.append(chunk)
+                except UpstreamError as exc:
+                    failure = exc
+                if batch:
+                    yield batch
+                if failure is not None:
+                    raise failure
+                if done:
+                    self.finished = True
+                    return
         except DecodeError as exc:
             raise malformed(str(exc)) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):

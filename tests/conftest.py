@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from support import Process
 from tornado.testing import bind_unused_port
 
 from sse_gateway.config import Settings
@@ -145,7 +147,8 @@ def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
 @pytest.fixture
 def http(io_loop) -> Iterator[aiohttp.ClientSession]:
     async def open_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        # No connection limit: some tests hold a thousand streams open at once.
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), connector=aiohttp.TCPConnector(limit=0))
 
     session = io_loop.run_sync(open_session)
     yield session
@@ -282,3 +285,20 @@ def artifacts(request) -> Path:
     folder = Path(__file__).resolve().parents[1] / "test-artifacts" / re.sub(r"[^\w.-]", "_", request.node.name)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture
+def programs(io_loop):
+    """Start programs with `await programs(argv...)`; they are killed after the test if still running."""
+    started: list[Process] = []
+
+    async def start(*argv: str, env: dict[str, str] | None = None) -> Process:
+        process = Process(*argv, env={**os.environ, **(env or {})})
+        started.append(process)
+        return await process.start()
+
+    yield start
+    for process in started:
+        process.kill()
+        if process.proc is not None:
+            io_loop.run_sync(process.proc.wait)

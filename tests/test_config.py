@@ -45,6 +45,8 @@ def test_every_flag_parses():
             "--stream-retention=5",
             "--stream-max-events=100",
             "--retry-ms=500",
+            "--events-retention=60",
+            "--events-max=10",
         ],
         env={},
     )
@@ -62,6 +64,7 @@ def test_every_flag_parses():
     assert settings.log_level == "debug"
     assert settings.session_secret == "s3cret" and settings.session_ttl == 60 and settings.ticket_ttl == 30
     assert settings.stream_retention == 5 and settings.stream_max_events == 100 and settings.retry_ms == 500
+    assert settings.events_retention == 60 and settings.events_max == 10
 
 
 def test_environment_fills_in_and_the_command_line_wins():
@@ -106,6 +109,7 @@ def test_secrets_never_appear_in_the_repr():
         (["--api-keys=k:alice,k:bob"], "one API key is given to two users"),
         (["--api-keys=@/nonexistent/keys"], "cannot read /nonexistent/keys"),
         (["--cors-origins=https://app.example.com/path"], "is not an origin"),
+        (["--redis-url=http://localhost:6379"], "must start with redis://"),
         (["--log-level=loud"], "is not one of debug"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -15,23 +14,6 @@ from support import EventReader, Process, chat_body, content_of, stream_chat
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def programs(io_loop):
-    """Start programs with `await programs(argv...)`; they are killed after the test if still running."""
-    started: list[Process] = []
-
-    async def start(*argv: str, env: dict[str, str] | None = None) -> Process:
-        process = Process(*argv, env={**os.environ, **(env or {})})
-        started.append(process)
-        return await process.start()
-
-    yield start
-    for process in started:
-        process.kill()
-        if process.proc is not None:
-            io_loop.run_sync(process.proc.wait)
 
 
 async def start_mock(programs, *args: str) -> tuple[Process, str]:
@@ -95,7 +77,8 @@ async def test_help_lists_every_flag_with_its_environment_variable(programs):
     for flag in ("address", "port", "upstream-url", "upstream-api-key", "redis-url", "api-keys", "admin-keys",
                  "cors-origins", "heartbeat-interval", "resume-grace", "mock-token-delay",
                  "upstream-connect-timeout", "upstream-idle-timeout", "max-body-size", "drain-timeout",
-                 "session-secret", "session-ttl", "ticket-ttl", "stream-retention", "stream-max-events", "retry-ms"):
+                 "session-secret", "session-ttl", "ticket-ttl", "stream-retention", "stream-max-events", "retry-ms",
+                 "events-retention", "events-max"):
         assert f"--{flag}" in out
         assert "SSE_" + flag.upper().replace("-", "_") in out
 

@@ -14,6 +14,7 @@ from test_errors import error_of
 from sse_gateway.decoder import ServerSentEvent
 from sse_gateway.store.memory import MemoryStore
 
+
 @pytest.fixture(params=["memory", "redis"])
 def backend(request) -> str:
     """Every contract test of resumable streams runs against both stores."""

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import GatewayError
 
-__all__ = ["ENDED", "Message", "Store", "StoreUnavailable", "StreamInfo", "StreamState", "Wake"]
+__all__ = ["ENDED", "Message", "newer_than", "Store", "StoreUnavailable", "StreamInfo", "StreamState", "Wake"]
 
 Wake = Callable[[], None]
 
@@ -82,6 +82,22 @@ def message_id_key(message_id: str) -> tuple[int, int]:
     """Message ids in order: "<ms>-<seq>" compared as numbers."""
     ms, _, seq = message_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def newer_than(messages: Iterable[Message], after: str | None, oldest_ms: float) -> list[Message]:
+    """The messages after id `after` and not older than `oldest_ms`, from messages in id order.
+
+    Scans from the newest end: a connection that keeps up asks for the last few messages only.
+    """
+    start = message_id_key(after) if after is not None else (-1, -1)
+    newer = []
+    for message in reversed(messages):  # type: ignore[call-overload]
+        key = message_id_key(message.id)
+        if key <= start or key[0] < oldest_ms:
+            break
+        newer.append(message)
+    newer.reverse()
+    return newer[:READ_BATCH]
 
 
 class Store(abc.ABC):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import GatewayError
-from . import READ_BATCH, Message, Store, StreamInfo, StreamState, Wake, message_id_key
+from . import READ_BATCH, Message, Store, StreamInfo, StreamState, Wake, message_id_key, newer_than
 
 __all__ = ["MemoryStore"]
 
@@ -266,9 +266,7 @@ class MemoryStore(Store):
 
     async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
         channel = self._channel(user, retention)
-        start = message_id_key(after) if after is not None else (-1, -1)
-        newer = [m for m in channel if message_id_key(m.id) > start]
-        return newer[:READ_BATCH]
+        return newer_than(channel, after, (time.time() - retention) * 1000)
 
     async def watch_user(self, user: str, wake: Wake) -> None:
         self._user_watchers.setdefault(user, set()).add(wake)

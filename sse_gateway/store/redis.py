@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import secrets
@@ -46,7 +47,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import GatewayError
-from . import READ_BATCH, Message, Store, StoreUnavailable, StreamInfo, StreamState, Wake, message_id_key
+from . import READ_BATCH, Message, Store, StoreUnavailable, StreamInfo, StreamState, Wake, message_id_key, newer_than
 
 __all__ = ["RedisStore"]
 
@@ -58,6 +59,8 @@ T = TypeVar("T")
 LOCAL_LINGER = 10.0  # seconds a local mirror outlives its stream's end, for its last readers
 STREAM_MAX_AGE = 86_400  # seconds a stream's keys live before it ends (a crashed producer's too)
 SUBSCRIBE_TIMEOUT = 5.0
+RECONNECT_WAIT = 2.0  # seconds a request waits for a reconnect attempt of the pub/sub connection
+CURSOR_RETRY = 0.5  # seconds between attempts to record push cursors while Redis is away
 POOL_SIZE = 64
 
 _ADD_READERS = """
@@ -124,7 +127,7 @@ def _error_from_json(raw: bytes | None) -> GatewayError | None:
 class _LocalLog:
     """A stream produced by this instance, as written: its local readers read it from here."""
 
-    __slots__ = ("owner", "state", "frames", "start_error", "writing")
+    __slots__ = ("owner", "state", "frames", "start_error", "writing", "broken")
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -132,6 +135,7 @@ class _LocalLog:
         self.frames: list[bytes] = []
         self.start_error: GatewayError | None = None
         self.writing = asyncio.Lock()
+        self.broken = False  # a write failed: Redis is away, and so is what readers would read next
 
 
 class _UserCache:
@@ -164,9 +168,27 @@ class _Listener:
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+        self._retry_now = asyncio.Event()  # cuts a reconnect backoff short
+        self._attempt: asyncio.Future[bool] | None = None  # the outcome of the next reconnect attempt
+
+    async def usable(self) -> bool:
+        """True when the pub/sub connection works. While it is lost, try to reconnect now (not
+        at the end of the backoff) and answer with the outcome of that attempt."""
+        if self.healthy or self._task is None:
+            return True
+        if self._attempt is None or self._attempt.done():
+            self._attempt = asyncio.get_running_loop().create_future()
+        attempt = self._attempt
+        self._retry_now.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(attempt), RECONNECT_WAIT)
+        except TimeoutError:
+            return False
 
     async def subscribe(self, channel: str) -> None:
         """Subscribe and wait for Redis to confirm: from then on, no message is missed."""
+        if not await self.usable():
+            raise StoreUnavailable()
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(channel, []).append(confirmed)
         try:
@@ -175,7 +197,7 @@ class _Listener:
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-listener")
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
-        except (TimeoutError, RedisError, OSError):
+        except (TimeoutError, RedisError, OSError, StoreUnavailable):
             waiting = self._confirmations.get(channel, [])
             if confirmed in waiting:
                 waiting.remove(confirmed)
@@ -192,31 +214,50 @@ class _Listener:
         backoff = 0.05
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                # A timeout, so that a read that returns empty-handed still proves the connection
+                # alive: health follows the connection, not the traffic on it.
+                message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 if self.healthy:
                     log.warning("redis pub/sub connection lost (%s); reconnecting", exc.__class__.__name__)
                     self.healthy = False
+                    self._fail_pending()
                     self._on_lost()
-                await asyncio.sleep(backoff)
+                self._attempted(False)
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
+            backoff = 0.05
+            if not self.healthy:
+                self.healthy = True
+                log.info("redis pub/sub connection back")
+                self._on_back()
+            self._attempted(True)
             if message is None:
                 continue
-            backoff = 0.05
             channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
             if message["type"] == "subscribe":
                 for future in self._confirmations.pop(channel, []):
                     if not future.done():
                         future.set_result(None)
-                if not self.healthy:
-                    self.healthy = True
-                    log.info("redis pub/sub connection back")
-                    self._on_back()
             elif message["type"] == "message":
                 self._on_message(channel, message["data"])
+
+    def _attempted(self, success: bool) -> None:
+        if self._attempt is not None and not self._attempt.done():
+            self._attempt.set_result(success)
+
+    def _fail_pending(self) -> None:
+        """Subscriptions waiting for a confirmation that cannot come fail now, not at their timeout."""
+        for futures in self._confirmations.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(StoreUnavailable())
+        self._confirmations.clear()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -235,7 +276,9 @@ class RedisStore(Store):
             url, max_connections=POOL_SIZE, timeout=5, socket_connect_timeout=2, socket_timeout=5,
             retry=retry, health_check_interval=30,
         )
-        self._client = aioredis.Redis(connection_pool=pool)
+        # Typed Any: redis-py types replies as unions of bytes, str and None, where this client
+        # (decode_responses off) always has bytes.
+        self._client: Any = aioredis.Redis(connection_pool=pool)
         self._add_readers = self._client.register_script(_ADD_READERS)
         self._advance_cursor = self._client.register_script(_ADVANCE_CURSOR)
         self._listener = _Listener(self._client, self._dispatch, self._wake_all, self._back)
@@ -246,6 +289,9 @@ class RedisStore(Store):
         self._local: dict[str, _LocalLog] = {}  # streams produced here
         self._users: dict[str, _UserCache] = {}  # users with connections here
         self._keep = 1000  # messages a user cache holds, at most (publish() passes the real cap)
+        self._cursors: dict[str, tuple[str, float]] = {}  # user -> (message id, retention) to record
+        self._cursor_flush: asyncio.Task[None] | None = None
+        self._closing = False
         self._background: set[asyncio.Task[None]] = set()
 
     # --- names -----------------------------------------------------------------------------
@@ -360,6 +406,8 @@ class RedisStore(Store):
         )
 
     def _local_info(self, stream_id: str, local: _LocalLog) -> StreamInfo:
+        if local.broken:
+            raise StoreUnavailable()
         return StreamInfo(stream_id, local.owner, local.state, len(local.frames), self.instance, local.start_error)
 
     @_guarded
@@ -387,10 +435,16 @@ class RedisStore(Store):
 
         async def run() -> None:
             async with local.writing:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    write(pipe, local)
-                    pipe.publish(self._meta(stream_id), self.instance)
-                    await pipe.execute()
+                try:
+                    async with self._client.pipeline(transaction=True) as pipe:
+                        write(pipe, local)
+                        pipe.publish(self._meta(stream_id), self.instance)
+                        await pipe.execute()
+                except _UNREACHABLE:
+                    local.broken = True  # local readers must not wait for frames that cannot come
+                    self._wake_local(self._meta(stream_id))
+                    raise
+                local.broken = False
                 written(local)
                 self._wake_local(self._meta(stream_id))
 
@@ -459,7 +513,8 @@ class RedisStore(Store):
     async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
         local = self._local.get(stream_id)
         if local is not None:
-            return local.frames[after : after + READ_BATCH], self._local_info(stream_id, local)
+            info = self._local_info(stream_id, local)
+            return local.frames[after : after + READ_BATCH], info
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.xrange(self._log(stream_id), min=f"({after}-0" if after else "-", max="+", count=READ_BATCH)
             pipe.hgetall(self._meta(stream_id))
@@ -507,7 +562,9 @@ class RedisStore(Store):
         oldest = f"{int((time.time() - retention) * 1000)}-0"
         self._keep = keep
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, {"e": event, "d": data}, maxlen=keep, approximate=True)
+            # The count cap is exact (a user gets at most `keep` old messages); the age trim may
+            # be approximate, as reads filter by age anyway.
+            pipe.xadd(key, {"e": event, "d": data}, maxlen=keep, approximate=False)
             pipe.xtrim(key, minid=oldest, approximate=True)
             pipe.pexpire(key, _ms(retention))
             pipe.publish(self._user_channel(user), self.instance)
@@ -556,10 +613,7 @@ class RedisStore(Store):
     async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
         cache = self._users.get(user)
         if cache is not None and after is not None and message_id_key(after) >= message_id_key(cache.since):
-            oldest_ms = (time.time() - retention) * 1000
-            start = message_id_key(after)
-            newer = [m for m in cache.messages if message_id_key(m.id) > start and message_id_key(m.id)[0] >= oldest_ms]
-            return newer[:READ_BATCH]
+            return newer_than(cache.messages, after, (time.time() - retention) * 1000)
         return await self._fetch(user, after, retention)
 
     @_guarded
@@ -582,11 +636,41 @@ class RedisStore(Store):
     @_guarded
     async def cursor(self, user: str) -> str | None:
         value = await self._client.get(f"{self._prefix}user:{user}:cursor")
-        return value.decode() if value is not None else None
+        recorded = value.decode() if value is not None else None
+        pending = self._cursors.get(user)  # delivered here, not yet written
+        if pending is not None and (recorded is None or message_id_key(pending[0]) > message_id_key(recorded)):
+            return pending[0]
+        return recorded
 
-    @_guarded
     async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
-        await self._advance_cursor(keys=[f"{self._prefix}user:{user}:cursor"], args=[message_id, _ms(retention)])
+        """Recorded at once in the background, one write in flight at a time: what the user's
+        other connections here deliver meanwhile is written together next, so a message
+        delivered to a thousand local connections costs two writes, not a thousand."""
+        pending = self._cursors.get(user)
+        if pending is None or message_id_key(message_id) > message_id_key(pending[0]):
+            self._cursors[user] = (message_id, retention)
+        if self._cursor_flush is None:
+            self._cursor_flush = asyncio.ensure_future(self._flush_cursors())
+
+    async def _flush_cursors(self) -> None:
+        try:
+            # Entries stay in _cursors until written, so that cursor() sees them meanwhile.
+            writing = dict(self._cursors)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user, (message_id, retention) in writing.items():
+                    await self._advance_cursor(keys=[f"{self._prefix}user:{user}:cursor"],
+                                               args=[message_id, _ms(retention)], client=pipe)  # queued
+                await pipe.execute()
+            for user, entry in writing.items():
+                if self._cursors.get(user) == entry:
+                    del self._cursors[user]
+        except _UNREACHABLE:
+            log.warning("redis unavailable: push cursors not recorded yet")
+            await asyncio.sleep(CURSOR_RETRY)
+        finally:
+            self._cursor_flush = None
+            if self._cursors and not self._closing:
+                self._cursor_flush = asyncio.ensure_future(self._flush_cursors())
 
     # --- keys with an expiry ---------------------------------------------------------------
 
@@ -617,9 +701,18 @@ class RedisStore(Store):
 
     @_guarded
     async def ping(self) -> None:
+        """Both connections work: commands, and the pub/sub that carries wake-ups."""
         await self._client.ping()
+        if not await self._listener.usable():
+            raise StoreUnavailable()
 
     async def close(self) -> None:
+        if self._cursor_flush is not None:  # record what was delivered, if Redis lets us soon
+            await asyncio.wait([self._cursor_flush], timeout=1)
+        self._closing = True
+        if self._cursor_flush is not None:
+            self._cursor_flush.cancel()
+            await asyncio.gather(self._cursor_flush, return_exceptions=True)
         if self._background:  # let writes under way finish, briefly
             await asyncio.wait(list(self._background), timeout=2)
         for task in list(self._background):
