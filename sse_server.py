@@ -74,10 +74,11 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
             (r"/v1/events", EventsHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/", IndexHandler, deps),
+            # Built assets have content hashes in their names: they may be cached for good.
+            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "templates" / "static")}),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        template_path=str(HERE / "templates"),
         log_function=log_request,
         # Signs session cookies. Without --session-secret, sessions end when the process does.
         cookie_secret=settings.session_secret or secrets.token_hex(32),
@@ -89,7 +90,10 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
 
 def make_server(app: GatewayApplication) -> tornado.httpserver.HTTPServer:
     settings = app.services.settings
-    return tornado.httpserver.HTTPServer(app, max_body_size=settings.max_body_size, body_timeout=BODY_TIMEOUT)
+    # xheaders only behind a proxy that sets X-Forwarded-* itself: anyone could forge them.
+    return tornado.httpserver.HTTPServer(
+        app, max_body_size=settings.max_body_size, body_timeout=BODY_TIMEOUT, xheaders=settings.trust_proxy
+    )
 
 
 def configure_logging(level: str) -> None:

@@ -24,7 +24,9 @@ def stream_not_found() -> GatewayError:
 
 class StreamsHandler(JsonBodyHandler):
     async def post(self) -> None:
-        request = parse_chat_request(await self.read_body(), force_stream=True)
+        request = parse_chat_request(
+            await self.read_body(), force_stream=True, system_prompt=self.services.settings.system_prompt
+        )
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
         if is_new:

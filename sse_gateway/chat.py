@@ -99,10 +99,12 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _POSITIVE = ("max_tokens", "max_completion_tokens", "n")
 
 
-def parse_chat_request(body: bytes, *, force_stream: bool = False) -> ChatRequest:
+def parse_chat_request(body: bytes, *, force_stream: bool = False, system_prompt: str | None = None) -> ChatRequest:
     """Parse and check a request body; raises a 400 GatewayError naming the offending field.
 
     `force_stream` is for routes that always stream (`POST /v1/streams`): `stream` is set true.
+    `system_prompt`, the server's preset, goes first in the messages: the operator decides how
+    the model is set up, before anything a client says.
     """
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
@@ -134,6 +136,8 @@ def parse_chat_request(body: bytes, *, force_stream: bool = False) -> ChatReques
                 param=name,
                 code="integer_below_min_value",
             )
+    if system_prompt:
+        payload["messages"] = [{"role": "system", "content": system_prompt}, *payload["messages"]]
     stream = payload.get("stream") is True
     if payload.get("stream_options") is not None and not stream:
         raise bad_request(

@@ -45,6 +45,8 @@ class Settings:
     stream_max_events: int = 100_000
     events_retention: float = 86_400.0
     events_max: int = 1000
+    system_prompt: str | None = None
+    trust_proxy: bool = False
     retry_ms: int = 3000
     log_level: str = "info"
 
@@ -137,6 +139,15 @@ def _number(kind: type, *, minimum: float, exclusive: bool = False) -> Callable[
     return convert
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def _port(text: str) -> int:
     port = _number(int, minimum=0)(text)
     if port > 65535:
@@ -168,6 +179,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "stream-max-events": (_number(int, minimum=3), "most events one stream may hold"),
     "events-retention": (_number(float, minimum=0, exclusive=True), "seconds a push message waits for its user"),
     "events-max": (_number(int, minimum=1), "push messages kept per user at most"),
+    "system-prompt": (_read_secret, "system message the gateway puts first in every chat request (or @file)"),
+    "trust-proxy": (_boolean, "true behind nginx: take client address and scheme from X-Forwarded-* headers"),
     "retry-ms": (_number(int, minimum=0), "reconnection delay sent to EventSource clients (retry:), ms"),
     "log-level": (str, "debug, info, warning or error"),
 }

@@ -164,9 +164,11 @@ def scripted_upstream(io_loop) -> Iterator[Callable[..., Awaitable[str]]]:
     """
     runners: list[web.AppRunner] = []
 
-    async def start(handler: Callable[[web.Request], Any]) -> str:
+    async def start(handler: Callable[[web.Request], Any], models: Callable[[web.Request], Any] | None = None) -> str:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", handler)
+        if models is not None:
+            app.router.add_get("/v1/models", models)
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -279,6 +281,14 @@ def browser(io_loop):
     io_loop.run_sync(stop)
 
 
+@pytest.fixture(scope="session")
+def built_page() -> Path:
+    """The chat page as `make test` builds it (npm ci, vite build); fails loudly when missing."""
+    page = Path(__file__).resolve().parents[1] / "templates" / "static" / "index.html"
+    assert page.exists(), "the chat page is not built: run `make test` (or `npm ci && npm run build` in templates/)"
+    return page
+
+
 @pytest.fixture
 def artifacts(request) -> Path:
     """A folder for this test's screenshots and other artifacts (test-artifacts/<test name>)."""
@@ -302,3 +312,66 @@ def programs(io_loop):
         process.kill()
         if process.proc is not None:
             io_loop.run_sync(process.proc.wait)
+
+
+SHIPPED_NGINX_SITE = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
+
+
+def shipped_nginx_site(upstream_ports: list[int], log_folder: Path, read_timeout: str | None = None) -> str:
+    """deploy/nginx.conf with test ports and paths: its own directives, every one of them."""
+    text = SHIPPED_NGINX_SITE.read_text()
+    servers = "\n".join(f"    server 127.0.0.1:{port};" for port in upstream_ports)
+    text, upstreams = re.subn(r"(?m)^(    server 127\.0\.0\.1:\d+;\n)+", servers + "\n", text)
+    text, logs = re.subn(r"access_log /var/log/nginx/\S+", f"access_log {log_folder}/access.log", text)
+    if read_timeout is not None:
+        text = text.replace("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};")
+    assert upstreams == 1 and logs == 1 and (read_timeout is None or f"proxy_read_timeout {read_timeout};" in text), \
+        "deploy/nginx.conf no longer has the lines the tests adapt"
+    return text
+
+
+class NginxServer:
+    """A real nginx serving `site` (server blocks etc., as in conf.d) on a free loopback port.
+
+    The listening socket is bound here and handed to nginx (its NGINX variable, as for binary
+    upgrades), so connections queue in the kernel until nginx accepts them: nothing to wait for.
+    """
+
+    def __init__(self, folder: Path, site: str) -> None:
+        self.folder = folder
+        self.sock, self.port = bind_unused_port()
+        site = re.sub(r"listen \S+;", f"listen 127.0.0.1:{self.port};", site)
+        (folder / "site.conf").write_text(site)
+        temp = " ".join(f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        user = "user root;" if os.geteuid() == 0 else ""  # workers must reach the test's folders
+        (folder / "nginx.conf").write_text(
+            f"{user}\nworker_processes 1;\ndaemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log notice;\n"
+            f"events {{ worker_connections 4096; }}\nhttp {{ {temp}\n include {folder}/site.conf; }}\n"
+        )
+        fd = self.sock.fileno()
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")],
+            env={**os.environ, "NGINX": f"{fd};"}, pass_fds=[fd],
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        self.sock.close()
+
+
+@pytest.fixture
+def nginx(tmp_path) -> Iterator[Callable[[str], NginxServer]]:
+    """`nginx(site)`: a running nginx with that site configuration."""
+    started: list[NginxServer] = []
+
+    def start(site: str) -> NginxServer:
+        folder = tmp_path / f"nginx{len(started)}"
+        folder.mkdir()
+        started.append(NginxServer(folder, site))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import tornado.web
 from support import chat_body, content_of, stream_chat
@@ -153,13 +155,17 @@ async def test_healthz_is_public(start_gateway, http):
     assert response.status == 200 and (await response.json()) == {"status": "ok"}
 
 
-async def test_demo_page_is_served(start_gateway, http):
-    open_gateway = start_gateway()
-    page = await (await http.get(f"{open_gateway.url}/")).text()
-    assert "/v1/chat/completions" in page and 'id="key"' not in page
-    keyed = start_gateway(api_keys=KEYS)
-    page = await (await http.get(f"{keyed.url}/")).text()
-    assert 'id="key"' in page
+async def test_the_chat_page_and_its_assets_are_served(start_gateway, http, built_page):
+    gateway = start_gateway(api_keys=KEYS)  # public, even when the API needs keys
+    page = await http.get(f"{gateway.url}/")
+    assert page.status == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    html = await page.text()
+    assert '<div id="app"></div>' in html
+    assets = re.findall(r'(?:src|href)="(/static/assets/[^"]+)"', html)
+    assert assets
+    for asset in assets:
+        assert (await http.get(f"{gateway.url}{asset}")).status == 200
 
 
 class _Broken(ApiHandler):

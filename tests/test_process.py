@@ -78,7 +78,7 @@ async def test_help_lists_every_flag_with_its_environment_variable(programs):
                  "cors-origins", "heartbeat-interval", "resume-grace", "mock-token-delay",
                  "upstream-connect-timeout", "upstream-idle-timeout", "max-body-size", "drain-timeout",
                  "session-secret", "session-ttl", "ticket-ttl", "stream-retention", "stream-max-events", "retry-ms",
-                 "events-retention", "events-max"):
+                 "events-retention", "events-max", "system-prompt", "trust-proxy"):
         assert f"--{flag}" in out
         assert "SSE_" + flag.upper().replace("-", "_") in out
 
