@@ -8,9 +8,12 @@ Every flag is also read from an `SSE_*` environment variable; `--help` lists the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,7 @@ import tornado.web
 from handlers import (
     ChatCompletionsHandler,
     EventsHandler,
+    MetricsHandler,
     HealthHandler,
     IndexHandler,
     ModelsHandler,
@@ -29,7 +33,9 @@ from handlers import (
     SessionHandler,
     StreamHandler,
     StreamsHandler,
+    UsageHandler,
 )
+from sse_gateway import logs
 from sse_gateway.config import Settings, parse_settings
 from sse_gateway.services import Services
 
@@ -72,6 +78,8 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
             (r"/v1/streams/([A-Za-z0-9_-]{1,64})", StreamHandler, deps),
             (r"/v1/session", SessionHandler, deps),
             (r"/v1/events", EventsHandler, deps),
+            (r"/v1/usage", UsageHandler, deps),
+            (r"/metrics", MetricsHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/", IndexHandler, deps),
             # Built assets have content hashes in their names: they may be cached for good.
@@ -96,17 +104,16 @@ def make_server(app: GatewayApplication) -> tornado.httpserver.HTTPServer:
     )
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
+    """Serve on `sockets` until SIGTERM or SIGINT, then drain (DESIGN.md §4.4) and close.
 
-
-async def serve(settings: Settings) -> None:
-    """Listen until SIGTERM or SIGINT, then stop accepting, drain running streams, and close."""
+    Draining: the listening sockets close at once (new connections are refused), /healthz
+    says 503, and running streams get up to --drain-timeout to finish. Streams still running
+    then end with an error frame that tells the client to resume with Last-Event-ID (behind
+    nginx with Redis, on another instance). A second signal ends the drain at once.
+    """
     app = make_app(settings)
     server = make_server(app)
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.address)
     server.add_sockets(sockets)
     host, port = sockets[0].getsockname()[:2]
     upstream = settings.upstream_url or "the built-in mock model"
@@ -122,31 +129,90 @@ async def serve(settings: Settings) -> None:
             "random key, so a cookie works only on the instance that issued it"
         )
 
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    stop.clear()
+        loop.add_signal_handler(signum, signalled.set)
+    await signalled.wait()
+    signalled.clear()
 
+    services = app.services
+    services.draining = True
     server.stop()  # close the listening sockets: new connections are refused from here on
-    running = len(app.services.streams)
+    running = len(services.streams)
     if running:
         log.info("draining %d running stream(s) for up to %gs (signal again to stop now)", running, settings.drain_timeout)
-        drain = asyncio.ensure_future(app.services.streams.wait_idle(settings.drain_timeout))
-        interrupt = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([drain, interrupt], return_when=asyncio.FIRST_COMPLETED)
-        interrupt.cancel()
-        drain.cancel()
-    await app.services.close()
+        drained = asyncio.ensure_future(services.streams.wait_idle(settings.drain_timeout))
+        interrupted = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait([drained, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        drained.cancel()
+        if len(services.streams):
+            log.warning("%d stream(s) still running: ending them; their clients can resume", len(services.streams))
+    await services.close()
     await server.close_all_connections()
     log.info("stopped")
 
 
+def supervise(settings: Settings, sockets: list[socket.socket]) -> None:
+    """--processes=N: N workers share the listening socket (the kernel spreads the connections).
+
+    This parent only watches: it passes SIGTERM and SIGINT on to the workers, starts again a
+    worker that crashes, and exits 0 once they have all drained and exited after a signal.
+    The workers share streams and sessions through Redis, so any of them serves any request.
+    """
+    workers: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def start(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own event loop, created after the fork
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                asyncio.run(serve(settings, sockets))
+            except BaseException:
+                log.exception("worker %d failed", number)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        workers[pid] = number
+
+    def pass_on(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    for number in range(settings.processes):
+        start(number)
+    log.info("%d worker processes started", settings.processes)
+    status = 0
+    while workers:
+        pid, wait_status = os.wait()
+        number = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0 and not stopping:
+            log.error("worker %d exited with %d; starting it again", number, code)
+            start(number)
+        elif code != 0:
+            status = 1
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.configure_logging(settings.log_level, settings.log_format)
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.address)
+    if settings.processes > 1:
+        supervise(settings, sockets)
+    else:
+        asyncio.run(serve(settings, sockets))
 
 
 if __name__ == "__main__":

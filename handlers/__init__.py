@@ -3,6 +3,7 @@
 from .base import NotFoundHandler
 from .chat import ChatCompletionsHandler
 from .models import ModelsHandler
+from .ops import MetricsHandler, UsageHandler
 from .pages import HealthHandler, IndexHandler
 from .push import EventsHandler
 from .session import SessionHandler
@@ -13,9 +14,11 @@ __all__ = [
     "EventsHandler",
     "HealthHandler",
     "IndexHandler",
+    "MetricsHandler",
     "ModelsHandler",
     "NotFoundHandler",
     "SessionHandler",
     "StreamHandler",
     "StreamsHandler",
+    "UsageHandler",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 import tornado.web
 from tornado.http1connection import HTTP1Connection
 
+from sse_gateway import logs
 from sse_gateway.access import Ticket, check_idempotency_key
 from sse_gateway.auth import unauthorized
 from sse_gateway.errors import GatewayError, server_error
@@ -69,6 +70,9 @@ class ApiHandler(tornado.web.RequestHandler):
         # A request id from the proxy in front (nginx's $request_id) ties its log to ours.
         incoming = self.request.headers.get("X-Request-Id", "")
         self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        logs.request_id.set(self.request_id)
+        logs.user.set("-")
+        logs.stream_id.set("-")
         # RequestHandler.__init__ ran set_default_headers before services were known: again.
         self.set_default_headers()
 
@@ -82,8 +86,33 @@ class ApiHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         self.check_method()
+        self.admit_connection()
         if self.request.method != "OPTIONS" and self.request.method not in self.public_methods:
             await self.authenticate()
+
+    counts_as_work = True  # False for probes (/healthz, /metrics): they must answer when busy
+    _counted = False
+
+    def admit_connection(self) -> None:
+        """503 while draining or at --max-connections; else count this request until it ends."""
+        if not self.counts_as_work or self._counted:
+            return
+        services = self.services
+        if services.draining:
+            self.set_header("Connection", "close")
+            raise GatewayError(503, "This gateway instance is shutting down; try again.", type="server_error",
+                               code="draining", retry_after=1)
+        if services.active_requests >= services.settings.max_connections:
+            services.metrics.rejections.labels("connections").inc()
+            raise GatewayError(503, "The gateway is at capacity; try again shortly.", type="server_error",
+                               code="overloaded", retry_after=1)
+        services.active_requests += 1
+        self._counted = True
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.services.active_requests -= 1
 
     def check_method(self) -> None:
         """405 before anything else, so that a wrong method is never reported as a missing key."""
@@ -96,6 +125,7 @@ class ApiHandler(tornado.web.RequestHandler):
         header = self.request.headers.get("Authorization")
         if header is not None:
             self.user = self.services.keys.authenticate(header)
+            logs.user.set(self.user)
             return
         token = self.get_query_argument("token", None) if method in self.ticket_methods else None
         if token is not None:
@@ -103,6 +133,7 @@ class ApiHandler(tornado.web.RequestHandler):
             if ticket is None:
                 raise unauthorized("The read token is invalid or has expired.", "invalid_token")
             self.user, self.ticket = ticket.user, ticket
+            logs.user.set(self.user)
             return
         session_id = self.session_id() if method in self.cookie_methods else None
         if session_id is not None:
@@ -111,8 +142,10 @@ class ApiHandler(tornado.web.RequestHandler):
                 raise unauthorized("The session has ended; sign in again.", "session_expired")
             self._check_cookie_origin()
             self.user = user
+            logs.user.set(self.user)
             return
         self.user = self.services.keys.authenticate(None)  # 401, or "anonymous" in open dev mode
+        logs.user.set(self.user)
 
     def session_id(self) -> str | None:
         """The session id from a correctly signed session cookie, if any."""
@@ -196,6 +229,7 @@ class JsonBodyHandler(ApiHandler):
             await super().prepare()  # no body to wait for: authenticate now
             return
         self.check_method()
+        self.admit_connection()
         self._body: list[bytes] = []
         self._body_size = 0
         # Tornado itself would cut a body over the server's limit with a bare 400; raise that

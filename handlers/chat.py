@@ -3,31 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
-from sse_gateway.chat import ChatRequest, parse_chat_request
+import orjson
+
+from sse_gateway import logs
+from sse_gateway.chat import ChatRequest, parse_chat_request, with_system_prompt
+from sse_gateway.errors import GatewayError
 from sse_gateway.streams import parse_last_event_id
+from sse_gateway.usage import UsageMeter
 
 from .base import JsonBodyHandler
 from .sse import EventStreamMixin
+
+
+async def accept_chat(handler: JsonBodyHandler, *, force_stream: bool = False) -> ChatRequest:
+    """The body as a chat request the caller may make: checked, the model allowed to this user,
+    the user's limits not reached, and the server's system prompt in front."""
+    services = handler.services
+    request = parse_chat_request(await handler.read_body(), force_stream=force_stream, caps=services.caps)
+    services.policy.check_model(handler.user, request.model)
+    await services.limiter.admit(handler.user)
+    payload = with_system_prompt(request.payload, services.policy.system_prompt(handler.user, request.model))
+    return dataclasses.replace(request, payload=payload)
 
 
 class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
     _answer: asyncio.Future[bytes] | None = None
 
     async def post(self) -> None:
-        body = await self.read_body()
-        request = parse_chat_request(body, system_prompt=self.services.settings.system_prompt)
+        request = await accept_chat(self)
         if not request.stream:
             await self._complete(request)
             return
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
+        logs.stream_id.set(stream_id)
         position = 0 if is_new else await self._resume_position(stream_id)
         # Attach before the producer starts, so that the stream is never without a reader (§5).
         reader = await streams.attach(stream_id, position)
         try:
             if is_new:
-                streams.start(stream_id, request.payload)
+                streams.start(stream_id, self.user, request.payload)
             await self.serve_events(reader, stream_id=stream_id, wait_for_upstream=True)
         finally:
             await streams.detach(reader)
@@ -47,12 +64,20 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         return min(position, info.length - 1) if info.ended else position
 
     async def _complete(self, request: ChatRequest) -> None:
+        services = self.services
+        meter = UsageMeter(services.usage, services.prices, self.user, request.model, request.payload["messages"])
         # As a task, so that a client that hangs up cancels the upstream request too.
-        self._answer = asyncio.ensure_future(self.services.upstream.chat(request.payload))
+        self._answer = asyncio.ensure_future(services.upstream.chat(request.payload))
         try:
             body = await self._answer
         except asyncio.CancelledError:
-            return  # the client is gone: nobody to answer
+            await meter.record("cancelled")  # the client is gone: nobody to answer
+            return
+        except GatewayError as error:
+            services.metrics.upstream_errors.labels(error.code or "upstream_error").inc()
+            raise
+        meter.see_completion(orjson.loads(body))
+        await meter.record()
         self.write_json(body)
 
     def on_connection_close(self) -> None:

@@ -13,8 +13,12 @@ class HealthHandler(ApiHandler):
     """200 while this instance can serve: the shared store (Redis) answers; 503 otherwise."""
 
     public_methods = frozenset({"GET"})
+    counts_as_work = False
 
     async def get(self) -> None:
+        if self.services.draining:
+            self.write_json(b'{"status":"draining"}', 503)
+            return
         try:
             await self.services.store.ping()
         except GatewayError:

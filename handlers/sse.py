@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from tornado.iostream import StreamClosedError
 
 from sse_gateway.errors import GatewayError
-from sse_gateway.frames import DONE_DATA, encode_event, encode_retry
+from sse_gateway.frames import DONE_DATA, PING, encode_event, encode_retry
 from sse_gateway.streams import Follower, Reader
 
 from .base import ApiHandler
@@ -17,6 +18,7 @@ class EventStreamMixin(ApiHandler):
     """For handlers that answer with events (DESIGN.md §4.1, §5 steps 3 to 6)."""
 
     _follower: Follower | None = None
+    _cut_off = False  # this side closed the connection (a slow reader)
 
     async def serve_events(self, follower: Follower, *, stream_id: str | None = None,
                            wait_for_upstream: bool = False) -> None:
@@ -28,6 +30,7 @@ class EventStreamMixin(ApiHandler):
         """
         self._follower = follower
         self.services.sweeper.add(follower)
+        self.services.metrics.connections.inc()
         try:
             if wait_for_upstream and isinstance(follower, Reader):
                 error = await follower.wait_until_started()
@@ -39,6 +42,7 @@ class EventStreamMixin(ApiHandler):
             await self._relay(follower)
         finally:
             self.services.sweeper.discard(follower)
+            self.services.metrics.connections.dec()
 
     def _start(self, stream_id: str | None) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -50,15 +54,34 @@ class EventStreamMixin(ApiHandler):
         self.connection.stream.set_nodelay(True)
         self.write(encode_retry(self.services.settings.retry_ms))
 
-    async def _relay(self, follower: Follower) -> None:
+    async def _send(self, data: bytes) -> None:
+        """Write and flush, within --write-timeout: a client that does not take the data in
+        time (a paused or half-open socket) is disconnected, so that it holds no more than one
+        batch of memory and no other reader waits for it. It can resume with Last-Event-ID."""
+        self.write(data)
+        flushed = self.flush()
         try:
-            await self.flush()
+            await asyncio.wait_for(asyncio.shield(flushed), self.services.settings.write_timeout)
+        except TimeoutError:
+            self.services.metrics.disconnects.labels("slow_reader").inc()
+            self._cut_off = True
+            self.connection.stream.close()
+            raise StreamClosedError() from None
+
+    async def _relay(self, follower: Follower) -> None:
+        metrics = self.services.metrics
+        try:
+            await self._send(b"")
             while (batch := await follower.next_batch()) is not None:
-                self.write(batch)
-                await self.flush()
+                await self._send(batch)
+                if batch is PING:
+                    metrics.heartbeats.inc()
+                else:
+                    metrics.frames.inc(batch.count(b"\n\n"))  # every frame ends with a blank line
+                metrics.bytes.inc(len(batch))
                 await follower.delivered()
         except StreamClosedError:
-            pass
+            pass  # counted where the connection closed (on_connection_close, or _send)
         except GatewayError as error:
             # The head is out: the failure (the store gone, say) becomes an error frame. Neither
             # frame has an id, so the client's Last-Event-ID still says what it really has.
@@ -68,4 +91,6 @@ class EventStreamMixin(ApiHandler):
 
     def on_connection_close(self) -> None:
         if self._follower is not None:
+            if not self._follower.closed and not self._cut_off:
+                self.services.metrics.disconnects.labels("client_gone").inc()
             self._follower.close()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import orjson
 
-from sse_gateway.chat import parse_chat_request
+from sse_gateway import logs
 from sse_gateway.errors import GatewayError
 from sse_gateway.store import StreamInfo
 from sse_gateway.streams import parse_last_event_id
 
 from .base import JsonBodyHandler
+from .chat import accept_chat
 from .sse import EventStreamMixin
 
 
@@ -24,13 +25,12 @@ def stream_not_found() -> GatewayError:
 
 class StreamsHandler(JsonBodyHandler):
     async def post(self) -> None:
-        request = parse_chat_request(
-            await self.read_body(), force_stream=True, system_prompt=self.services.settings.system_prompt
-        )
+        request = await accept_chat(self, force_stream=True)
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
+        logs.stream_id.set(stream_id)
         if is_new:
-            streams.start(stream_id, request.payload)
+            streams.start(stream_id, self.user, request.payload)
         # Like a streaming chat request, wait (one heartbeat interval at most) for the upstream
         # to accept, so that its refusal is our status rather than an error frame nobody reads.
         info = await streams.wait_started(stream_id, self.services.settings.heartbeat_interval)
@@ -48,6 +48,7 @@ class StreamHandler(EventStreamMixin):
     ticket_methods = frozenset({"GET"})
 
     async def get(self, stream_id: str) -> None:
+        logs.stream_id.set(stream_id)
         info = await self._readable(stream_id)
         # The header is the browser's own, newer than a query parameter fixed in the URL.
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", "")

@@ -99,12 +99,47 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _POSITIVE = ("max_tokens", "max_completion_tokens", "n")
 
 
-def parse_chat_request(body: bytes, *, force_stream: bool = False, system_prompt: str | None = None) -> ChatRequest:
+@dataclass(frozen=True)
+class RequestCaps:
+    """Global caps on what one request may ask (0 for max_tokens: no cap)."""
+
+    max_messages: int = 1000
+    max_message_size: int = 1_000_000
+    max_tokens: int = 0
+
+
+def _check_caps(payload: dict[str, Any], caps: RequestCaps) -> None:
+    messages = payload["messages"]
+    if len(messages) > caps.max_messages:
+        raise bad_request(f"Too many messages: {len(messages)}; at most {caps.max_messages}.", param="messages",
+                          code="too_many_messages")
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        size = len(content) if isinstance(content, str) else sum(
+            len(part.get("text", "")) for part in content or [] if isinstance(part.get("text"), str)
+        )
+        if size > caps.max_message_size:
+            raise bad_request(f"messages[{index}] is {size} characters long; at most {caps.max_message_size}.",
+                              param=f"messages[{index}].content", code="message_too_long")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(name)
+        if caps.max_tokens and value is not None and value > caps.max_tokens:
+            raise bad_request(f"'{name}' is {value}; this gateway allows at most {caps.max_tokens}.", param=name,
+                              code="max_tokens_too_large")
+
+
+def with_system_prompt(payload: dict[str, Any], prompt: str | None) -> dict[str, Any]:
+    """The server's preset system message first: the operator sets the model up before any
+    client speaks. Without a preset, the request is unchanged."""
+    if not prompt:
+        return payload
+    return {**payload, "messages": [{"role": "system", "content": prompt}, *payload["messages"]]}
+
+
+def parse_chat_request(body: bytes, *, force_stream: bool = False, caps: RequestCaps | None = None) -> ChatRequest:
     """Parse and check a request body; raises a 400 GatewayError naming the offending field.
 
     `force_stream` is for routes that always stream (`POST /v1/streams`): `stream` is set true.
-    `system_prompt`, the server's preset, goes first in the messages: the operator decides how
-    the model is set up, before anything a client says.
     """
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
@@ -136,8 +171,7 @@ def parse_chat_request(body: bytes, *, force_stream: bool = False, system_prompt
                 param=name,
                 code="integer_below_min_value",
             )
-    if system_prompt:
-        payload["messages"] = [{"role": "system", "content": system_prompt}, *payload["messages"]]
+    _check_caps(payload, caps or RequestCaps())
     stream = payload.get("stream") is True
     if payload.get("stream_options") is not None and not stream:
         raise bad_request(

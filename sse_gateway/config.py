@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from .policy import parse_policy
+
 ENV_PREFIX = "SSE_"
 
 
@@ -47,8 +51,23 @@ class Settings:
     events_max: int = 1000
     system_prompt: str | None = None
     trust_proxy: bool = False
+    models: tuple[str, ...] = ()  # the models users may ask for; empty: any
+    requests_per_minute: int = 0
+    tokens_per_day: int = 0
+    concurrent_streams: int = 0
+    policy: Mapping[str, Any] | None = None
+    prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    usage_db: str = "usage.sqlite3"
+    max_connections: int = 10_000
+    max_stream_lifetime: float = 3600.0
+    max_messages: int = 1000
+    max_message_size: int = 1_000_000
+    max_tokens: int = 0
+    write_timeout: float = 30.0
+    processes: int = 1
     retry_ms: int = 3000
     log_level: str = "info"
+    log_format: str = "text"
 
 
 def _read_secret(value: str) -> str:
@@ -139,6 +158,43 @@ def _number(kind: type, *, minimum: float, exclusive: bool = False) -> Callable[
     return convert
 
 
+def _json_file(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """A converter that reads a JSON file (given as a path, with or without @) and checks it."""
+
+    def convert(value: str) -> Any:
+        path = Path(value.removeprefix("@"))
+        try:
+            document = orjson.loads(path.read_bytes())
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+        except orjson.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {exc}") from None
+        try:
+            return parse(document)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{path}: {exc}") from None
+
+    return convert
+
+
+def parse_policy_document(document: Any) -> Mapping[str, Any]:
+    parse_policy(document)  # raises PolicyError (a ValueError) on any mistake
+    return document  # type: ignore[no-any-return]
+
+
+def parse_prices(document: Any) -> dict[str, tuple[float, float]]:
+    if not isinstance(document, dict):
+        raise ValueError('prices must be {"model": {"prompt": <USD per million>, "completion": <USD per million>}}')
+    prices = {}
+    for model, entry in document.items():
+        if not isinstance(entry, dict) or set(entry) != {"prompt", "completion"} or not all(
+            isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool) and entry[k] >= 0 for k in entry
+        ):
+            raise ValueError(f'{model}: expected {{"prompt": <number>, "completion": <number>}}')
+        prices[model] = (float(entry["prompt"]), float(entry["completion"]))
+    return prices
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -181,8 +237,23 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "events-max": (_number(int, minimum=1), "push messages kept per user at most"),
     "system-prompt": (_read_secret, "system message the gateway puts first in every chat request (or @file)"),
     "trust-proxy": (_boolean, "true behind nginx: take client address and scheme from X-Forwarded-* headers"),
+    "models": (lambda v: tuple(_split_list(v)), "models users may ask for, comma-separated; unset: any"),
+    "requests-per-minute": (_number(int, minimum=0), "requests a user may make per minute; 0: no limit"),
+    "tokens-per-day": (_number(int, minimum=0), "tokens a user may use per day (UTC); 0: no limit"),
+    "concurrent-streams": (_number(int, minimum=0), "answers a user may stream at once; 0: no limit"),
+    "policy": (_json_file(parse_policy_document), "JSON file of per-user limits and models, per-model system prompts"),
+    "prices": (_json_file(parse_prices), 'JSON file of USD per million tokens: {"model": {"prompt": 2.5, "completion": 10}}'),
+    "usage-db": (str, "SQLite file that keeps usage (without --redis-url)"),
+    "max-connections": (_number(int, minimum=1), "requests served at once; more get 503"),
+    "max-stream-lifetime": (_number(float, minimum=0, exclusive=True), "seconds one answer may stream at most"),
+    "max-messages": (_number(int, minimum=1), "messages one chat request may carry"),
+    "max-message-size": (_number(int, minimum=1), "characters one message may hold"),
+    "max-tokens": (_number(int, minimum=0), "largest max_tokens a request may ask for; 0: no cap"),
+    "write-timeout": (_number(float, minimum=0, exclusive=True), "seconds a client may take to accept a write"),
+    "processes": (_number(int, minimum=1), "worker processes sharing the port (more than 1 needs --redis-url)"),
     "retry-ms": (_number(int, minimum=0), "reconnection delay sent to EventSource clients (retry:), ms"),
     "log-level": (str, "debug, info, warning or error"),
+    "log-format": (str, "text, or json: one JSON object per line"),
 }
 
 
@@ -222,4 +293,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     if level not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level: {values['log_level']!r} is not one of debug, info, warning, error")
     values["log_level"] = level
+    if values["log_format"] not in ("text", "json"):
+        parser.error(f"--log-format: {values['log_format']!r} is not text or json")
+    if values["processes"] > 1 and not values["redis_url"]:
+        parser.error("--processes above 1 needs --redis-url: processes share streams and sessions through Redis")
     return Settings(**values)

@@ -18,15 +18,18 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .access import IdempotencyKeys, fingerprint
 from .errors import GatewayError, bad_request
 from .frames import PING
-from .producer import LogPolicy, produce
+from .limits import Limiter
+from .metrics import Metrics
+from .producer import SHUTDOWN, LogPolicy, produce
 from .store import Store, StoreUnavailable, StreamInfo, StreamState
 from .upstream import UpstreamClient
+from .usage import Prices, UsageBook, UsageMeter
 
 __all__ = ["Follower", "Reader", "StreamRegistry", "parse_last_event_id", "new_stream_id"]
 
@@ -183,14 +186,23 @@ class StreamRegistry:
         policy: LogPolicy,
         idempotency: IdempotencyKeys,
         *,
+        limiter: Limiter,
+        usage: UsageBook,
+        prices: Prices,
+        metrics: Metrics,
         resume_grace: float,
     ) -> None:
         self.store = store
         self.upstream = upstream
         self.policy = policy
         self.idempotency = idempotency
+        self.limiter = limiter
+        self.usage = usage
+        self.prices = prices
+        self.metrics = metrics
         self.resume_grace = resume_grace
         self._producers: dict[str, asyncio.Task[None]] = {}
+        self._owners: dict[str, str] = {}  # stream id -> user, for the streams running here
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -207,32 +219,51 @@ class StreamRegistry:
         """
         stream_id = new_stream_id()
         await self.store.create_stream(stream_id, owner, self.store.instance)
-        if idempotency_key is None:
-            return stream_id, True
-        request = fingerprint(payload)
-        earlier = await self.idempotency.claim(owner, idempotency_key, request, stream_id)
-        if earlier is not None and await self.store.stream_info(earlier) is None:
-            # The earlier stream has expired: this request starts afresh under the same key.
-            await self.idempotency.release(owner, idempotency_key)
+        earlier = None
+        if idempotency_key is not None:
+            request = fingerprint(payload)
             earlier = await self.idempotency.claim(owner, idempotency_key, request, stream_id)
-        if earlier is None:
-            return stream_id, True
-        await self.store.end_stream(stream_id, StreamState.CANCELLED, [], retention=0)  # unused
-        log.info("stream %s: attached again by its Idempotency-Key", earlier)
-        return earlier, False
+            if earlier is not None and await self.store.stream_info(earlier) is None:
+                # The earlier stream has expired: this request starts afresh under the same key.
+                await self.idempotency.release(owner, idempotency_key)
+                earlier = await self.idempotency.claim(owner, idempotency_key, request, stream_id)
+        if earlier is not None:
+            await self._discard(stream_id)
+            log.info("stream %s: attached again by its Idempotency-Key", earlier)
+            return earlier, False
+        try:
+            await self.limiter.take_stream(owner, stream_id)
+        except GatewayError:
+            await self._discard(stream_id)
+            if idempotency_key is not None:
+                await self.idempotency.release(owner, idempotency_key)  # a retry may try again
+            raise
+        return stream_id, True
 
-    def start(self, stream_id: str, payload: dict[str, Any]) -> None:
+    async def _discard(self, stream_id: str) -> None:
+        """A stream created for a request that will not run: gone at once."""
+        await self.store.end_stream(stream_id, StreamState.CANCELLED, [], retention=0)
+
+    def start(self, stream_id: str, owner: str, payload: dict[str, Any]) -> None:
         """Start generating. Without a reader, the stream is cancelled once the grace is over
         (`FIRST_OPEN_WINDOW` at the least: a browser needs a moment to open the ticket URL)."""
-        producer = produce(stream_id, self.store, self.upstream, payload, self.policy)
+        options = payload.get("stream_options")
+        meter = UsageMeter(self.usage, self.prices, owner, str(payload.get("model")), payload.get("messages") or [],
+                           client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True)
+        producer = produce(stream_id, self.store, self.upstream, payload, self.policy, meter, self.metrics)
         task = asyncio.get_running_loop().create_task(producer, name=f"produce-{stream_id}")
         self._producers[stream_id] = task
+        self._owners[stream_id] = owner
+        self.metrics.streams.inc()
         self._idle.clear()
         task.add_done_callback(lambda t: self._produced(stream_id, t))
         self._start_grace(stream_id, max(self.resume_grace, FIRST_OPEN_WINDOW))
 
     def _produced(self, stream_id: str, task: asyncio.Task[None]) -> None:
         self._producers.pop(stream_id, None)
+        self.metrics.streams.dec()
+        self._free_slot(stream_id)
+        self._owners.pop(stream_id, None)
         timer = self._grace.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
@@ -277,10 +308,28 @@ class StreamRegistry:
             if timer is not None:
                 timer.cancel()
         elif verb == "idle":
+            self._free_slot(stream_id)  # the user's client is gone: the slot is theirs again
             self._start_grace(stream_id, self.resume_grace)
         elif verb == "stop":
             log.info("stream %s: stopped", stream_id)
+            self.metrics.cancellations.labels("stop").inc()
             task.cancel()
+
+    def _free_slot(self, stream_id: str) -> None:
+        owner = self._owners.get(stream_id)
+        if owner is not None:
+            self._spawn(self.limiter.free_stream(owner, stream_id))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except StoreUnavailable:
+                log.warning("the store is unavailable; a stream slot is freed when it expires")
+
+        check = asyncio.ensure_future(guarded())
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
 
     def _start_grace(self, stream_id: str, seconds: float) -> None:
         timer = self._grace.pop(stream_id, None)
@@ -290,9 +339,7 @@ class StreamRegistry:
 
     def _grace_over(self, stream_id: str) -> None:
         self._grace.pop(stream_id, None)
-        check = asyncio.ensure_future(self._cancel_if_unread(stream_id))
-        self._checks.add(check)
-        check.add_done_callback(self._checks.discard)
+        self._spawn(self._cancel_if_unread(stream_id))
 
     async def _cancel_if_unread(self, stream_id: str) -> None:
         task = self._producers.get(stream_id)
@@ -302,6 +349,7 @@ class StreamRegistry:
             return  # the producer fails on its own while the store is away
         if unread and task is not None:
             log.info("stream %s: no reader left; cancelling the upstream request", stream_id)
+            self.metrics.cancellations.labels("no_reader").inc()
             task.cancel()
 
     async def wait_started(self, stream_id: str, timeout: float) -> StreamInfo | None:
@@ -329,6 +377,7 @@ class StreamRegistry:
         task = self._producers.get(stream_id)
         if task is not None:
             log.info("stream %s: stopped", stream_id)
+            self.metrics.cancellations.labels("stop").inc()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return await self.store.stream_info(stream_id)
@@ -348,9 +397,12 @@ class StreamRegistry:
 
     async def close(self) -> None:
         """Stop every stream still generating (at shutdown, after the drain)."""
-        tasks = list(self._producers.values()) + list(self._checks)
-        for task in tasks:
+        self.metrics.cancellations.labels("shutdown").inc(len(self._producers))
+        for task in self._producers.values():
+            task.cancel(SHUTDOWN)  # their readers are told to resume (producer.restarting)
+        for task in self._checks:
             task.cancel()
+        tasks = list(self._producers.values()) + list(self._checks)
         await asyncio.gather(*tasks, return_exceptions=True)
         for timer in self._grace.values():
             timer.cancel()

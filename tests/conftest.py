@@ -123,12 +123,17 @@ def backend() -> str:
 
 
 @pytest.fixture
-def start_gateway(io_loop, mock_model: MockModel, backend: str, request) -> Iterator[Callable[..., Gateway]]:
+def start_gateway(io_loop, mock_model: MockModel, backend: str, request, tmp_path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
     store_url = request.getfixturevalue("redis_url") if backend == "redis" else None
 
     def start(**overrides: Any) -> Gateway:
-        fields: dict[str, Any] = {"upstream_url": mock_model.base_url, "mock_token_delay": 0.0, "redis_url": store_url}
+        fields: dict[str, Any] = {
+            "upstream_url": mock_model.base_url,
+            "mock_token_delay": 0.0,
+            "redis_url": store_url,
+            "usage_db": str(tmp_path / f"usage{len(started)}.sqlite3"),
+        }
         fields.update(overrides)
         gateway = Gateway(dataclasses.replace(Settings(), **fields))
         started.append(gateway)
@@ -298,12 +303,13 @@ def artifacts(request) -> Path:
 
 
 @pytest.fixture
-def programs(io_loop):
-    """Start programs with `await programs(argv...)`; they are killed after the test if still running."""
+def programs(io_loop, tmp_path):
+    """Start programs with `await programs(argv...)`, in the test's folder (files they write, such
+    as the usage database, stay there); they are killed after the test if still running."""
     started: list[Process] = []
 
     async def start(*argv: str, env: dict[str, str] | None = None) -> Process:
-        process = Process(*argv, env={**os.environ, **(env or {})})
+        process = Process(*argv, env={**os.environ, **(env or {})}, cwd=str(tmp_path))
         started.append(process)
         return await process.start()
 

@@ -93,16 +93,17 @@ def blocks(raw: bytes) -> list[list[str]]:
 class Process:
     """A program under test, started for real; its stderr is collected line by line."""
 
-    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *argv: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.argv = argv
         self.env = env
+        self.cwd = cwd
         self.lines: list[str] = []
         self._new_line = asyncio.Event()
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Process:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            *self.argv, env=self.env, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         self._drain = asyncio.ensure_future(self._collect())

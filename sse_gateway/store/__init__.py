@@ -186,6 +186,21 @@ class Store(abc.ABC):
     async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
         """Move the cursor to `message_id` unless it is already further."""
 
+    # --- counters for limits --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def count_event(self, key: str, window: float) -> tuple[int, float]:
+        """Count one more event in the current `window`-second window of `key`: (count so far,
+        seconds until the window ends). Windows are fixed, aligned to the clock."""
+
+    @abc.abstractmethod
+    async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
+        """Hold one of `limit` slots of `key` for `member` (holding it already counts as taken).
+        Slots older than `max_age` seconds are freed first: a crashed holder leaks none."""
+
+    @abc.abstractmethod
+    async def free_slot(self, key: str, member: str) -> None: ...
+
     # --- keys with an expiry ---------------------------------------------------------------
 
     @abc.abstractmethod

@@ -52,6 +52,7 @@ class MemoryStore(Store):
         self._keys: dict[str, tuple[bytes, float]] = {}
         self._channels: dict[str, collections.deque[Message]] = {}
         self._channel_expiry: dict[str, float] = {}
+        self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: taken at}
         self._user_watchers: dict[str, set[Wake]] = {}
         self._last_id = (0, 0)
         self._control: Callable[[str, str], None] | None = None
@@ -286,6 +287,34 @@ class MemoryStore(Store):
         current = await self.cursor(user)
         if current is None or message_id_key(message_id) > message_id_key(current):
             await self.put(f"cursor:{user}", message_id.encode(), retention)
+
+    # --- counters for limits --------------------------------------------------------------
+
+    async def count_event(self, key: str, window: float) -> tuple[int, float]:
+        now = time.time()
+        start = now - now % window
+        name = f"window:{key}:{start:.0f}"
+        count = int(self._key(name) or b"0") + 1
+        left = start + window - now
+        await self.put(name, str(count).encode(), left)
+        return count, left
+
+    async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
+        now = time.time()
+        slots = self._slots.setdefault(key, {})
+        for holder in [h for h, taken in slots.items() if taken <= now - max_age]:
+            del slots[holder]
+        if member not in slots and len(slots) >= limit:
+            return False
+        slots[member] = now
+        return True
+
+    async def free_slot(self, key: str, member: str) -> None:
+        slots = self._slots.get(key)
+        if slots is not None:
+            slots.pop(member, None)
+            if not slots:
+                del self._slots[key]
 
     # --- keys with an expiry ---------------------------------------------------------------
 

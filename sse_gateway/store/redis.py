@@ -70,6 +70,22 @@ if n < 0 then redis.call('HSET', KEYS[1], 'readers', 0) n = 0 end
 return n
 """
 
+_COUNT_EVENT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+_TAKE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
 _ADVANCE_CURSOR = """
 local function parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -281,6 +297,8 @@ class RedisStore(Store):
         self._client: Any = aioredis.Redis(connection_pool=pool)
         self._add_readers = self._client.register_script(_ADD_READERS)
         self._advance_cursor = self._client.register_script(_ADVANCE_CURSOR)
+        self._count_event = self._client.register_script(_COUNT_EVENT)
+        self._take_slot = self._client.register_script(_TAKE_SLOT)
         self._listener = _Listener(self._client, self._dispatch, self._wake_all, self._back)
         self._watchers: dict[str, set[Wake]] = {}  # channel -> local wake-ups
         self._subscribed: set[str] = set()  # channels this process is subscribed to in Redis
@@ -672,6 +690,26 @@ class RedisStore(Store):
             if self._cursors and not self._closing:
                 self._cursor_flush = asyncio.ensure_future(self._flush_cursors())
 
+    # --- counters for limits --------------------------------------------------------------
+
+    @_guarded
+    async def count_event(self, key: str, window: float) -> tuple[int, float]:
+        now = time.time()
+        start = now - now % window
+        name = f"{self._prefix}window:{key}:{start:.0f}"
+        count, ttl_ms = await self._count_event(keys=[name], args=[_ms(start + window - now)])
+        return int(count), max(0.0, int(ttl_ms) / 1000)
+
+    @_guarded
+    async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
+        now_ms = int(time.time() * 1000)
+        taken = await self._take_slot(keys=[f"{self._prefix}slots:{key}"], args=[member, now_ms, _ms(max_age), limit])
+        return bool(taken)
+
+    @_guarded
+    async def free_slot(self, key: str, member: str) -> None:
+        await self._client.zrem(f"{self._prefix}slots:{key}", member)
+
     # --- keys with an expiry ---------------------------------------------------------------
 
     def _kv(self, key: str) -> str:
@@ -705,6 +743,11 @@ class RedisStore(Store):
         await self._client.ping()
         if not await self._listener.usable():
             raise StoreUnavailable()
+
+    @property
+    def client(self) -> Any:
+        """The process's Redis client (its one pool), for other parts that keep data in Redis."""
+        return self._client
 
     async def close(self) -> None:
         if self._cursor_flush is not None:  # record what was delivered, if Redis lets us soon

@@ -1,0 +1,57 @@
+"""Logging: plain lines, or one JSON object per line, each carrying the request, stream and user.
+
+The request id, user and stream id live in context variables that handlers set; asyncio copies
+the context into tasks they start (a stream's producer), so every line knows whose work it is.
+Keys never go in: the user is the name from --api-keys, not the key.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+
+import orjson
+
+__all__ = ["configure_logging", "request_id", "stream_id", "user"]
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="-")
+stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        record.user = user.get()
+        record.stream_id = stream_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+            "stream_id": getattr(record, "stream_id", "-"),
+            "user": getattr(record, "user", "-"),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(user)s %(stream_id)s]: %(message)s"
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,313 @@
+"""Usage and cost: tokens per user, model and day, and what they cost (issue: running it for real).
+
+The gateway asks the upstream for usage (`stream_options.include_usage`) and records its figures.
+A stream that ends before the usage chunk (stopped, cancelled, failed) is recorded anyway, as an
+estimate with its reason: the prompt at four characters a token, one token per content chunk
+generated. A usage chunk is relayed only to clients that asked for one themselves, because
+a chunk with no choices breaks clients that read `choices[0]`.
+
+Costs come from a price table (USD per million tokens, per model) at the time of use, and are
+kept as whole nano-dollars so that sums are exact. The book is SQLite (one file, survives
+restarts) by default, Redis when instances share state.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import datetime
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+__all__ = ["Prices", "UsageBook", "SqliteUsageBook", "RedisUsageBook", "UsageMeter", "UsageRow", "report", "today"]
+
+log = logging.getLogger("sse_gateway.usage")
+
+NANOS = 1_000_000_000
+RETRY_SECONDS = 1.0  # between attempts to write usage while the database is away
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough count (about four characters a token in English), never zero."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def _text_of(messages: Iterable[Any]) -> str:
+    parts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens: model -> (prompt, completion). Unknown models cost 0."""
+
+    table: Mapping[str, tuple[float, float]]
+
+    def cost_nanos(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        prompt, completion = self.table.get(model, (0.0, 0.0))
+        # per million tokens -> per token in nano-dollars: price * 1e9 / 1e6
+        return round(prompt_tokens * prompt * 1000 + completion_tokens * completion * 1000)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    date: str
+    model: str
+    reason: str  # "" for the upstream's own figures; else why they are an estimate
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nanos: int
+
+
+_Key = tuple[str, str, str, str]  # user, date, model, reason
+
+
+def _merged(rows: Iterable[UsageRow], extra: Iterable[UsageRow]) -> list[UsageRow]:
+    totals: dict[tuple[str, str, str], list[int]] = {}
+    for row in [*rows, *extra]:
+        numbers = totals.setdefault((row.date, row.model, row.reason), [0, 0, 0, 0])
+        for i, value in enumerate((row.requests, row.prompt_tokens, row.completion_tokens, row.cost_nanos)):
+            numbers[i] += value
+    return [UsageRow(date, model, reason, *numbers) for (date, model, reason), numbers in sorted(totals.items())]
+
+
+class UsageBook(abc.ABC):
+    """Totals per user, date, model and reason.
+
+    `add` only adds to totals kept in memory: one writer sends them to the database in
+    batches, starting at once and with one batch in flight (what comes meanwhile goes in the
+    next), so no stream ever waits for a disk. Reads include what is not written yet; close()
+    writes the rest. A crash loses at most the batch in flight.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[_Key, UsageRow] = {}
+        self._writer: asyncio.Task[None] | None = None
+
+    async def add(self, user: str, row: UsageRow) -> None:
+        key = (user, row.date, row.model, row.reason)
+        before = self._pending.get(key)
+        self._pending[key] = _merged([before], [row])[0] if before else row
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    await self._write(batch)
+                except Exception:
+                    log.exception("usage could not be written; keeping it to try again")
+                    for key, row in batch.items():  # put it back, merged with what came meanwhile
+                        later = self._pending.get(key)
+                        self._pending[key] = _merged([row], [later])[0] if later else row
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._writer = None
+
+    @abc.abstractmethod
+    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
+        """Add these totals to the database."""
+
+    @abc.abstractmethod
+    async def _rows(self, user: str) -> list[UsageRow]:
+        """The user's totals in the database."""
+
+    async def rows(self, user: str) -> list[UsageRow]:
+        pending = [row for (who, *_), row in self._pending.items() if who == user]
+        return _merged(await self._rows(user), pending)
+
+    async def tokens_on(self, user: str, date: str) -> int:
+        return sum(r.prompt_tokens + r.completion_tokens for r in await self.rows(user) if r.date == date)
+
+    async def close(self) -> None:
+        """Write what is pending, then release the database."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._pending:
+            try:
+                await self._write(self._pending)
+                self._pending = {}
+            except Exception:
+                log.exception("usage lost at shutdown: %s", list(self._pending.values()))
+        await self._close()
+
+    async def _close(self) -> None:  # noqa: B027 (optional)
+        """Release the database."""
+
+
+class SqliteUsageBook(UsageBook):
+    """One SQLite file; survives restarts. aiosqlite keeps the blocking calls off the loop."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._opening = asyncio.Lock()
+
+    async def _connection(self) -> aiosqlite.Connection:
+        async with self._opening:
+            if self._db is None:
+                db = await aiosqlite.connect(self.path)
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a crash of the process
+                await db.execute(
+                    "CREATE TABLE IF NOT EXISTS usage (user TEXT NOT NULL, date TEXT NOT NULL, model TEXT NOT NULL,"
+                    " reason TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,"
+                    " completion_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,"
+                    " PRIMARY KEY (user, date, model, reason))"
+                )
+                await db.commit()
+                self._db = db
+        return self._db
+
+    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
+        db = await self._connection()
+        await db.executemany(
+            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, date, model, reason) DO UPDATE SET"
+            " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens,"
+            " cost_nanos = cost_nanos + excluded.cost_nanos",
+            [(user, r.date, r.model, r.reason, r.requests, r.prompt_tokens, r.completion_tokens, r.cost_nanos)
+             for (user, *_), r in batch.items()],
+        )
+        await db.commit()
+
+    async def _rows(self, user: str) -> list[UsageRow]:
+        db = await self._connection()
+        async with db.execute(
+            "SELECT date, model, reason, requests, prompt_tokens, completion_tokens, cost_nanos FROM usage"
+            " WHERE user = ? ORDER BY date, model, reason",
+            (user,),
+        ) as cursor:
+            return [UsageRow(*record) for record in await cursor.fetchall()]
+
+    async def _close(self) -> None:
+        async with self._opening:  # a connection still being opened is closed too
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
+
+
+class RedisUsageBook(UsageBook):
+    """A hash per user in the shared Redis: every instance adds to the same totals."""
+
+    _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_nanos")
+
+    def __init__(self, client: Any, prefix: str = "sse:") -> None:
+        super().__init__()
+        self._client = client
+        self._prefix = prefix
+
+    def _key(self, user: str) -> str:
+        return f"{self._prefix}usage:{user}"
+
+    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            for (user, *_), row in batch.items():
+                base = f"{row.date}\t{row.model}\t{row.reason}"
+                for name in self._FIELDS:
+                    pipe.hincrby(self._key(user), f"{base}\t{name}", getattr(row, name))
+            await pipe.execute()
+
+    async def _rows(self, user: str) -> list[UsageRow]:
+        fields = await self._client.hgetall(self._key(user))
+        grouped: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)
+        for field, value in fields.items():
+            date, model, reason, name = field.decode().split("\t")
+            grouped[(date, model, reason)][name] = int(value)
+        return [
+            UsageRow(date, model, reason, *(numbers.get(name, 0) for name in self._FIELDS))
+            for (date, model, reason), numbers in sorted(grouped.items())
+        ]
+
+
+def report(user: str, rows: list[UsageRow]) -> dict[str, Any]:
+    """The body of GET /v1/usage (DESIGN.md §4.4)."""
+    data = [
+        {
+            "date": r.date,
+            "model": r.model,
+            "requests": r.requests,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cost": r.cost_nanos / NANOS,
+            "estimated": bool(r.reason),
+            "reason": r.reason or None,
+        }
+        for r in rows
+    ]
+    total = {
+        "prompt_tokens": sum(r.prompt_tokens for r in rows),
+        "completion_tokens": sum(r.completion_tokens for r in rows),
+        "cost": sum(r.cost_nanos for r in rows) / NANOS,
+    }
+    return {"object": "usage", "user": user, "data": data, "total": total}
+
+
+class UsageMeter:
+    """What one request consumed: the upstream's figures when it gives them, else an estimate."""
+
+    def __init__(self, book: UsageBook, prices: Prices, user: str, model: str, messages: list[Any],
+                 client_wants_usage: bool = False) -> None:
+        self.book = book
+        self.prices = prices
+        self.user = user
+        self.model = model
+        self.client_wants_usage = client_wants_usage
+        self._messages = messages
+        self.content_chunks = 0
+        self.reported: dict[str, Any] | None = None
+
+    def see(self, chunk: dict[str, Any]) -> bool:
+        """Note a streamed chunk; False when it is a usage chunk this client did not ask for."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.reported = usage
+        choices = chunk.get("choices") or []
+        if any(isinstance(c, dict) and isinstance(c.get("delta"), dict) and c["delta"].get("content") for c in choices):
+            self.content_chunks += 1
+        return self.client_wants_usage or not (isinstance(usage, dict) and not choices)
+
+    def see_completion(self, completion: dict[str, Any]) -> None:
+        """Note a whole (non-streamed) completion."""
+        usage = completion.get("usage")
+        if isinstance(usage, dict):
+            self.reported = usage
+        text = _text_of(c.get("message", {}) for c in completion.get("choices") or [] if isinstance(c, dict))
+        self.content_chunks = estimate_tokens(text) if text else 0
+
+    def _reported(self, name: str) -> int | None:
+        value = (self.reported or {}).get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    async def record(self, ended_early: str | None = None) -> None:
+        """Add this request to the book. `ended_early` says why the answer stopped short, if it did."""
+        prompt, completion = self._reported("prompt_tokens"), self._reported("completion_tokens")
+        if ended_early is None and prompt is not None and completion is not None:
+            reason = ""
+        else:
+            reason = ended_early or "upstream_reported_no_usage"
+            prompt = prompt if prompt is not None else estimate_tokens(_text_of(self._messages))
+            completion = self.content_chunks
+        row = UsageRow(today(), self.model, reason, 1, prompt, completion,
+                       self.prices.cost_nanos(self.model, prompt, completion))
+        await self.book.add(self.user, row)
