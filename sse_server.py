@@ -25,9 +25,9 @@ import tornado.web
 from handlers import (
     ChatCompletionsHandler,
     EventsHandler,
-    MetricsHandler,
     HealthHandler,
     IndexHandler,
+    MetricsHandler,
     ModelsHandler,
     NotFoundHandler,
     SessionHandler,

@@ -147,6 +147,24 @@ class ApiHandler(tornado.web.RequestHandler):
         self.user = self.services.keys.authenticate(None)  # 401, or "anonymous" in open dev mode
         logs.user.set(self.user)
 
+    def authenticate_admin(self) -> None:
+        """Admin routes take an admin key (`--admin-keys`), never a user's key or cookie."""
+        admins = self.services.admin_keys
+        header = self.request.headers.get("Authorization")
+        if admins.open:
+            if self.services.keys.open:
+                return  # open dev mode: no keys of any kind configured
+            raise GatewayError(403, "This route needs an admin key, and none is configured (--admin-keys).",
+                               type="permission_error", code="admin_keys_not_configured")
+        try:
+            admins.authenticate(header)
+        except GatewayError:
+            scheme, _, token = (header or "").partition(" ")
+            if scheme.lower() == "bearer" and not self.services.keys.open and self.services.keys.lookup(token.strip()):
+                raise GatewayError(403, "This route needs an admin key; this is a user's key.",
+                                   type="permission_error", code="admin_key_required") from None
+            raise
+
     def session_id(self) -> str | None:
         """The session id from a correctly signed session cookie, if any."""
         days = self.services.settings.session_ttl / 86400 + 1
@@ -244,24 +262,6 @@ class JsonBodyHandler(ApiHandler):
             self._body.append(chunk)
         elif self._body:
             self._body.clear()
-
-    def authenticate_admin(self) -> None:
-        """Admin routes take an admin key (`--admin-keys`), never a user's key or cookie."""
-        admins = self.services.admin_keys
-        header = self.request.headers.get("Authorization")
-        if admins.open:
-            if self.services.keys.open:
-                return  # open dev mode: no keys of any kind configured
-            raise GatewayError(403, "This route needs an admin key, and none is configured (--admin-keys).",
-                               type="permission_error", code="admin_keys_not_configured")
-        try:
-            admins.authenticate(header)
-        except GatewayError:
-            scheme, _, token = (header or "").partition(" ")
-            if scheme.lower() == "bearer" and not self.services.keys.open and self.services.keys.lookup(token.strip()):
-                raise GatewayError(403, "This route needs an admin key; this is a user's key.",
-                                   type="permission_error", code="admin_key_required") from None
-            raise
 
     async def read_body(self) -> bytes:
         """Authenticate, then return the body; 401 or 413 as GatewayErrors."""

@@ -52,7 +52,6 @@ class EventStreamMixin(ApiHandler):
             self.set_header("X-Stream-Id", stream_id)
         # Tornado leaves Nagle's algorithm on while a response streams (DESIGN.md §6).
         self.connection.stream.set_nodelay(True)
-        self.write(encode_retry(self.services.settings.retry_ms))
 
     async def _send(self, data: bytes) -> None:
         """Write and flush, within --write-timeout: a client that does not take the data in
@@ -71,7 +70,9 @@ class EventStreamMixin(ApiHandler):
     async def _relay(self, follower: Follower) -> None:
         metrics = self.services.metrics
         try:
-            await self._send(b"")
+            head = encode_retry(self.services.settings.retry_ms)  # goes out with the response head
+            await self._send(head)
+            metrics.bytes.inc(len(head))
             while (batch := await follower.next_batch()) is not None:
                 await self._send(batch)
                 if batch is PING:

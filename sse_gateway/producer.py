@@ -63,8 +63,8 @@ def restarting() -> GatewayError:
 
 def with_usage_requested(payload: dict[str, Any]) -> dict[str, Any]:
     """The request as sent upstream: asking for the usage chunk, which the gateway records."""
-    options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
-    return {**payload, "stream_options": {**options, "include_usage": True}}
+    options = payload.get("stream_options")
+    return {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
 class _Numbering:

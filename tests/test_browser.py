@@ -13,8 +13,6 @@ import re
 import pytest
 from aiohttp import web
 
-from sse_gateway.mock_upstream import split_words
-
 ANSWER = ".message.assistant:last-of-type .content"
 STATE = "document.querySelector('main').dataset.state"
 TRANSPORTS = ["eventsource", "fetch"]

@@ -131,3 +131,25 @@ def test_key_never_echoed_in_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--api-keys=sk-very-secret-no-user"], env={})
     assert "sk-very-secret" not in capsys.readouterr().err
+
+
+def test_the_shipped_policy_and_price_examples_are_valid():
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    settings = parse_settings([f"--policy={deploy / 'policy.json'}", f"--prices=@{deploy / 'prices.json'}"], env={})
+    assert "alice" in settings.policy["users"]
+    assert settings.prices["gpt-4o-mini"] == (0.15, 0.60)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [('{"m": {"prompt": 1}}', "expected"), ('{"m": {"prompt": -1, "completion": 1}}', "expected"), ("[1]", "prices must be"),
+     ("{oops", "is not valid JSON")],
+)
+def test_a_wrong_price_file_stops_the_start(tmp_path, capsys, document, message):
+    path = tmp_path / "prices.json"
+    path.write_text(document)
+    with pytest.raises(SystemExit):
+        parse_settings([f"--prices={path}"], env={})
+    assert message in capsys.readouterr().err

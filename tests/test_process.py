@@ -78,7 +78,10 @@ async def test_help_lists_every_flag_with_its_environment_variable(programs):
                  "cors-origins", "heartbeat-interval", "resume-grace", "mock-token-delay",
                  "upstream-connect-timeout", "upstream-idle-timeout", "max-body-size", "drain-timeout",
                  "session-secret", "session-ttl", "ticket-ttl", "stream-retention", "stream-max-events", "retry-ms",
-                 "events-retention", "events-max", "system-prompt", "trust-proxy"):
+                 "events-retention", "events-max", "system-prompt", "trust-proxy", "models",
+                 "requests-per-minute", "tokens-per-day", "concurrent-streams", "policy", "prices", "usage-db",
+                 "max-connections", "max-stream-lifetime", "max-messages", "max-message-size", "max-tokens",
+                 "write-timeout", "processes", "log-format"):
         assert f"--{flag}" in out
         assert "SSE_" + flag.upper().replace("-", "_") in out
 
