@@ -5,7 +5,7 @@ as its own process (`sse_server.py`), as in production; clients in this process 
 chunk arrives. For each level of concurrency it prints the latency percentiles of every chunk,
 the time to the first chunk, and the chunks relayed per second.
 
-    .venv/bin/python bench/latency.py [--streams 1,50,200] [--chunks 100] [--delay 0.01]
+    .venv/bin/python bench/latency.py [--streams 1,50,200] [--chunks 100] [--delay 0.01] [--redis-url=redis://…]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ async def main() -> None:
     parser.add_argument("--streams", default="1,50,200", help="concurrency levels, comma-separated")
     parser.add_argument("--chunks", type=int, default=100, help="chunks per stream")
     parser.add_argument("--delay", type=float, default=0.01, help="seconds between upstream chunks")
+    parser.add_argument("--redis-url", default=None, help="run the gateway on this Redis (default: in-memory)")
     args = parser.parse_args()
 
     runner = web.AppRunner(stamped_upstream(args.chunks, args.delay), access_log=None)
@@ -92,8 +93,9 @@ async def main() -> None:
     await site.start()
     upstream_port = runner.addresses[0][1]
 
+    store = [f"--redis-url={args.redis_url}"] if args.redis_url else []
     gateway = await asyncio.create_subprocess_exec(
-        sys.executable, str(REPO / "sse_server.py"), "--port=0",
+        sys.executable, str(REPO / "sse_server.py"), "--port=0", *store, "--usage-db=/tmp/sse-bench-usage.sqlite3",
         f"--upstream-url=http://127.0.0.1:{upstream_port}/v1", stderr=asyncio.subprocess.PIPE,
     )
     url = None
@@ -105,7 +107,7 @@ async def main() -> None:
     assert url, "the gateway did not start"
     log_lines = asyncio.ensure_future(gateway.stderr.read())  # keep its log pipe from filling up
 
-    print(f"{args.chunks} chunks per stream, {args.delay * 1000:g} ms apart; gateway pid {gateway.pid}")
+    print(f"{args.chunks} chunks per stream, {args.delay * 1000:g} ms apart; store: {args.redis_url or 'memory'}")
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
