@@ -321,15 +321,19 @@ class StreamRegistry:
             self._spawn(self.limiter.free_stream(owner, stream_id))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except StoreUnavailable:
-                log.warning("the store is unavailable; a stream slot is freed when it expires")
+        """Run a small piece of bookkeeping in the background (closed at shutdown)."""
+        task = asyncio.ensure_future(work)
+        self._checks.add(task)
+        task.add_done_callback(self._checked)
 
-        check = asyncio.ensure_future(guarded())
-        self._checks.add(check)
-        check.add_done_callback(self._checks.discard)
+    def _checked(self, task: asyncio.Task[None]) -> None:
+        self._checks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), StoreUnavailable):
+            log.warning("the store is unavailable; a stream slot is freed when it expires")
+        else:
+            log.error("stream bookkeeping failed", exc_info=task.exception())
 
     def _start_grace(self, stream_id: str, seconds: float) -> None:
         timer = self._grace.pop(stream_id, None)

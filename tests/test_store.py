@@ -102,3 +102,32 @@ async def test_a_sleeping_reader_wakes_for_frames_and_heartbeats():
     reader.request_heartbeat()
     assert await reader.next_batch() == b": ping\n"
     await store.close()
+
+
+async def test_redis_group_commit_keeps_every_stream_exact(redis_url):
+    from sse_gateway.store.redis import RedisStore
+
+    writer, reader = RedisStore(redis_url), RedisStore(redis_url)  # the reader has no mirror: Redis only
+    streams = [f"s{n}" for n in range(50)]
+    for stream in streams:
+        await writer.create_stream(stream, "u", writer.instance)
+
+    async def produce(stream: str) -> None:
+        for seq in range(1, 201):
+            await writer.append(stream, [f"{stream}:{seq}".encode()])
+            if seq % 7 == 0:
+                await asyncio.sleep(0)  # let the others in: appends interleave across streams
+        await writer.end_stream(stream, StreamState.DONE, [f"{stream}:end".encode()], retention=60)
+
+    await asyncio.gather(*(produce(stream) for stream in streams))
+    for stream in streams:
+        frames, position = [], 0
+        while True:
+            batch, info = await reader.read(stream, position)
+            frames += batch
+            position += len(batch)
+            if info.ended and position >= info.length:
+                break
+        assert frames == [f"{stream}:{seq}".encode() for seq in range(1, 201)] + [f"{stream}:end".encode()]
+    await writer.close()
+    await reader.close()

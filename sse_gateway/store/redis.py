@@ -56,6 +56,7 @@ log = logging.getLogger("sse_gateway.store")
 P = ParamSpec("P")
 T = TypeVar("T")
 
+MAX_QUEUED = 1000  # frames a producer may get ahead of Redis before it waits
 LOCAL_LINGER = 10.0  # seconds a local mirror outlives its stream's end, for its last readers
 STREAM_MAX_AGE = 86_400  # seconds a stream's keys live before it ends (a crashed producer's too)
 SUBSCRIBE_TIMEOUT = 5.0
@@ -143,15 +144,18 @@ def _error_from_json(raw: bytes | None) -> GatewayError | None:
 class _LocalLog:
     """A stream produced by this instance, as written: its local readers read it from here."""
 
-    __slots__ = ("owner", "state", "frames", "start_error", "writing", "broken")
+    __slots__ = ("owner", "state", "frames", "start_error", "writing", "broken", "queued", "drained")
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.state = StreamState.PENDING
-        self.frames: list[bytes] = []
+        self.frames: list[bytes] = []  # as written to Redis
         self.start_error: GatewayError | None = None
         self.writing = asyncio.Lock()
         self.broken = False  # a write failed: Redis is away, and so is what readers would read next
+        self.queued: list[bytes] = []  # appended, not yet written
+        self.drained = asyncio.Event()  # nothing queued and nothing in flight
+        self.drained.set()
 
 
 class _UserCache:
@@ -305,6 +309,8 @@ class RedisStore(Store):
         self._control: Callable[[str, str], None] | None = None
         self._control_ready: asyncio.Task[None] | None = None
         self._local: dict[str, _LocalLog] = {}  # streams produced here
+        self._dirty: dict[str, _LocalLog] = {}  # streams with frames queued for the flusher
+        self._flusher: asyncio.Task[None] | None = None
         self._users: dict[str, _UserCache] = {}  # users with connections here
         self._keep = 1000  # messages a user cache holds, at most (publish() passes the real cap)
         self._cursors: dict[str, tuple[str, float]] = {}  # user -> (message id, retention) to record
@@ -498,10 +504,57 @@ class RedisStore(Store):
 
     @_guarded
     async def append(self, stream_id: str, frames: list[bytes]) -> None:
-        await self._write(
-            stream_id, lambda pipe, local: self._add_frames(pipe, stream_id, frames),
-            lambda local: local.frames.extend(frames),
-        )
+        """Queue frames; one flusher writes what every stream here has queued in one pipeline.
+
+        Under load the cost of a round trip is shared by all the frames written in it, so the
+        cost per frame falls as the load rises. Readers here see frames once Redis has them
+        (the mirror follows the writes). A producer waits only when it is MAX_QUEUED frames
+        ahead of Redis; and a stop can never cut a write in two.
+        """
+        local = self._local[stream_id]
+        if local.broken:
+            raise StoreUnavailable()
+        local.queued.extend(frames)
+        local.drained.clear()
+        self._dirty[stream_id] = local
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        if len(local.queued) > MAX_QUEUED:
+            await local.drained.wait()
+            if local.broken:
+                raise StoreUnavailable()
+
+    async def _flush(self) -> None:
+        try:
+            while self._dirty:
+                batch, self._dirty = self._dirty, {}
+                work = []
+                for sid, local in batch.items():
+                    if local.queued and not local.broken:
+                        work.append((sid, local, local.queued))
+                        local.queued = []
+                    else:  # nothing to write, or Redis away: end_stream takes what is queued
+                        local.drained.set()
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for sid, local, frames in work:
+                            self._add_frames(pipe, sid, frames)
+                            pipe.publish(self._meta(sid), self.instance)
+                        await pipe.execute()
+                except _UNREACHABLE:
+                    log.warning("redis unavailable: frames of %d stream(s) not written yet", len(work))
+                    for _sid, local, frames in work:
+                        local.broken = True
+                        local.queued[:0] = frames  # kept in order: a Redis position is the frame's number
+                else:
+                    for _sid, local, frames in work:
+                        local.frames.extend(frames)
+                for sid, local, _frames in work:
+                    if sid not in self._dirty:  # nothing new came for it meanwhile
+                        local.drained.set()
+                    self._wake_local(self._meta(sid))
+        finally:
+            self._flusher = None
 
     @_guarded
     async def end_stream(
@@ -513,6 +566,9 @@ class RedisStore(Store):
         start_error: GatewayError | None = None,
     ) -> None:
         meta = self._meta(stream_id)
+        local = self._local[stream_id]
+        await local.drained.wait()  # the frames before these go first
+        frames = [*local.queued, *frames]  # with any a failed flush left behind
 
         def write(pipe: Any, local: _LocalLog) -> None:
             self._add_frames(pipe, stream_id, frames)
@@ -521,6 +577,7 @@ class RedisStore(Store):
             pipe.pexpire(self._log(stream_id), _ms(retention))
 
         def written(local: _LocalLog) -> None:
+            local.queued = []
             local.frames.extend(frames)
             local.state, local.start_error = state, start_error
             asyncio.get_running_loop().call_later(min(retention, LOCAL_LINGER), self._local.pop, stream_id, None)
@@ -750,6 +807,8 @@ class RedisStore(Store):
         return self._client
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.wait([self._flusher], timeout=2)
         if self._cursor_flush is not None:  # record what was delivered, if Redis lets us soon
             await asyncio.wait([self._cursor_flush], timeout=1)
         self._closing = True
