@@ -61,6 +61,8 @@ class ApiHandler(tornado.web.RequestHandler):
     public_methods: frozenset[str] = frozenset()
     cookie_methods: frozenset[str] = frozenset({"GET", "POST", "DELETE"})
     ticket_methods: frozenset[str] = frozenset()
+    counts_as_work = True  # False for probes (/healthz, /metrics): they must answer when busy
+    _counted = False
     services: Services
     user: str
     ticket: Ticket | None = None
@@ -90,9 +92,6 @@ class ApiHandler(tornado.web.RequestHandler):
         if self.request.method != "OPTIONS" and self.request.method not in self.public_methods:
             await self.authenticate()
 
-    counts_as_work = True  # False for probes (/healthz, /metrics): they must answer when busy
-    _counted = False
-
     def admit_connection(self) -> None:
         """503 while draining or at --max-connections; else count this request until it ends."""
         if not self.counts_as_work or self._counted:
@@ -121,31 +120,29 @@ class ApiHandler(tornado.web.RequestHandler):
 
     async def authenticate(self) -> None:
         """Set `self.user` from the first credential present; a bad one is a 401, never skipped."""
+        self.user = await self._identify()
+        logs.user.set(self.user)
+
+    async def _identify(self) -> str:
         method = self.request.method or ""
         header = self.request.headers.get("Authorization")
         if header is not None:
-            self.user = self.services.keys.authenticate(header)
-            logs.user.set(self.user)
-            return
+            return self.services.keys.authenticate(header)
         token = self.get_query_argument("token", None) if method in self.ticket_methods else None
         if token is not None:
             ticket = await self.services.tickets.check(token)
             if ticket is None:
                 raise unauthorized("The read token is invalid or has expired.", "invalid_token")
-            self.user, self.ticket = ticket.user, ticket
-            logs.user.set(self.user)
-            return
+            self.ticket = ticket
+            return ticket.user
         session_id = self.session_id() if method in self.cookie_methods else None
         if session_id is not None:
             user = await self.services.sessions.user(session_id)
             if user is None:
                 raise unauthorized("The session has ended; sign in again.", "session_expired")
             self._check_cookie_origin()
-            self.user = user
-            logs.user.set(self.user)
-            return
-        self.user = self.services.keys.authenticate(None)  # 401, or "anonymous" in open dev mode
-        logs.user.set(self.user)
+            return user
+        return self.services.keys.authenticate(None)  # 401, or "anonymous" in open dev mode
 
     def authenticate_admin(self) -> None:
         """Admin routes take an admin key (`--admin-keys`), never a user's key or cookie."""

@@ -537,7 +537,7 @@ class RedisStore(Store):
                         local.drained.set()
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for sid, local, frames in work:
+                        for sid, _local, frames in work:
                             self._add_frames(pipe, sid, frames)
                             pipe.publish(self._meta(sid), self.instance)
                         await pipe.execute()
