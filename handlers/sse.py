@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import time
 
 from tornado.iostream import StreamClosedError
 
@@ -29,6 +29,7 @@ class EventStreamMixin(ApiHandler):
         still an HTTP status. Heartbeats count from the follower's creation.
         """
         self._follower = follower
+        follower.on_write_timeout = self._write_timed_out
         self.services.sweeper.add(follower)
         self.services.metrics.connections.inc()
         try:
@@ -53,28 +54,31 @@ class EventStreamMixin(ApiHandler):
         # Tornado leaves Nagle's algorithm on while a response streams (DESIGN.md §6).
         self.connection.stream.set_nodelay(True)
 
-    async def _send(self, data: bytes) -> None:
-        """Write and flush, within --write-timeout: a client that does not take the data in
-        time (a paused or half-open socket) is disconnected, so that it holds no more than one
-        batch of memory and no other reader waits for it. It can resume with Last-Event-ID."""
+    async def _send(self, follower: Follower, data: bytes) -> None:
+        """Write and flush. The sweeper watches `writing_since`: a client that does not take
+        the data within --write-timeout (a paused or half-open socket) is disconnected, so that
+        it holds no more than one batch of memory and no other reader waits for it. It can
+        resume with Last-Event-ID."""
         self.write(data)
-        flushed = self.flush()
+        follower.writing_since = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(flushed), self.services.settings.write_timeout)
-        except TimeoutError:
-            self.services.metrics.disconnects.labels("slow_reader").inc()
-            self._cut_off = True
-            self.connection.stream.close()
-            raise StreamClosedError() from None
+            await self.flush()
+        finally:
+            follower.writing_since = None
+
+    def _write_timed_out(self) -> None:
+        self.services.metrics.disconnects.labels("slow_reader").inc()
+        self._cut_off = True
+        self.connection.stream.close()  # the pending flush ends with StreamClosedError
 
     async def _relay(self, follower: Follower) -> None:
         metrics = self.services.metrics
         try:
             head = encode_retry(self.services.settings.retry_ms)  # goes out with the response head
-            await self._send(head)
+            await self._send(follower, head)
             metrics.bytes.inc(len(head))
             while (batch := await follower.next_batch()) is not None:
-                await self._send(batch)
+                await self._send(follower, batch)
                 if batch is PING:
                     metrics.heartbeats.inc()
                 else:

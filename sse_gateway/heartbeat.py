@@ -1,10 +1,12 @@
-"""One heartbeat sweeper for every open stream (DESIGN.md §6), not one timer per connection.
+"""One sweeper for every open stream (DESIGN.md §6), not timers per connection.
 
-The sweeper wakes every quarter interval and asks each target that has written nothing for
-at least `interval - tick` to send a heartbeat; so no stream is ever silent for longer than
-`interval`, and a stream that is busy with data is skipped. Targets only get a flag set and
-their writer woken: the writing itself stays with the connection's own writer, so a heartbeat
-can never land in the middle of a frame.
+It wakes every quarter of the shorter of the heartbeat interval and the write timeout, and
+looks at each connection once:
+- one that has written nothing for `interval - tick` is asked for a heartbeat, so that no
+  stream is ever silent for longer than `interval` (a stream busy with data is skipped). The
+  writing itself stays with the connection's writer: a heartbeat never lands inside a frame.
+- one whose write has been waiting for `write_timeout` (a client that stopped reading, a
+  half-open socket) is told so, and disconnects; no timer is set per write for it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ log = logging.getLogger("sse_gateway.heartbeat")
 
 class HeartbeatTarget(Protocol):
     last_write: float  # time.monotonic() of the last bytes handed to the connection
+    writing_since: float | None  # time.monotonic() a write began that has not completed
 
     def request_heartbeat(self) -> None: ...
 
+    def write_timed_out(self) -> None: ...
+
 
 class HeartbeatSweeper:
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, write_timeout: float = float("inf")) -> None:
         self.interval = interval
-        self.tick = interval / 4
+        self.write_timeout = write_timeout
+        self.tick = min(interval, write_timeout) / 4
         self._targets: set[HeartbeatTarget] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -43,11 +49,15 @@ class HeartbeatSweeper:
         self._targets.discard(target)
 
     def sweep(self, now: float) -> int:
-        """Ask every target silent since `now - (interval - tick)` for a heartbeat; return how many."""
+        """Heartbeats for the silent, and an end for stuck writes; return how many were asked."""
         due = now - (self.interval - self.tick)
+        stuck = now - self.write_timeout
         count = 0
-        for target in self._targets:
-            if target.last_write <= due:
+        for target in list(self._targets):  # a stuck one may leave the set while we look
+            since = target.writing_since
+            if since is not None and since <= stuck:
+                target.write_timed_out()
+            elif target.last_write <= due:
                 target.request_heartbeat()
                 count += 1
         return count

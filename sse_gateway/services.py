@@ -113,7 +113,7 @@ class Services:
             tickets=ReadTickets(store, ttl=settings.ticket_ttl),
             sessions=Sessions(store, ttl=settings.session_ttl),
             push_policy=PushPolicy(retention=settings.events_retention, keep=settings.events_max),
-            sweeper=HeartbeatSweeper(settings.heartbeat_interval),
+            sweeper=HeartbeatSweeper(settings.heartbeat_interval, settings.write_timeout),
             policy=policy,
             limiter=limiter,
             usage=usage,

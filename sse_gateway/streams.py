@@ -72,6 +72,8 @@ class Follower:
     def __init__(self) -> None:
         self.closed = False
         self.last_write = time.monotonic()
+        self.writing_since: float | None = None  # the writer's write in progress, if any
+        self.on_write_timeout: Callable[[], None] | None = None
         self._heartbeat_due = False
         self._dirty = False
         self._wake: asyncio.Future[None] | None = None
@@ -84,6 +86,12 @@ class Follower:
     def request_heartbeat(self) -> None:
         self._heartbeat_due = True
         self.wake()
+
+    def write_timed_out(self) -> None:
+        """The sweeper found a write waiting longer than --write-timeout."""
+        self.writing_since = None
+        if self.on_write_timeout is not None:
+            self.on_write_timeout()
 
     def close(self) -> None:
         """The connection is gone (or done): wake the writer so that it stops."""
