@@ -61,7 +61,6 @@ class MemoryStore(Store):
         self._earlier = asyncio.Event()  # an expiry earlier than the janitor's next one arrived
         self._empty = asyncio.Event()
         self._empty.set()
-        self._streams_released = asyncio.Event()
 
     def __len__(self) -> int:
         """Streams, channels and keys held, expired ones not yet released included."""
@@ -70,11 +69,6 @@ class MemoryStore(Store):
     async def wait_empty(self) -> None:
         """Until nothing is held any more (everything has ended and expired)."""
         await self._empty.wait()
-
-    async def wait_empty_of_streams(self) -> None:
-        """Until no stream is held any more (keys may remain)."""
-        while self._streams:
-            await self._streams_released.wait()
 
     # --- expiry ----------------------------------------------------------------------------
 
@@ -105,11 +99,8 @@ class MemoryStore(Store):
         self._janitor = None
 
     def _released(self) -> None:
-        if not self._streams:
-            self._streams_released.set()
-            self._streams_released = asyncio.Event()
-            if not self._keys and not self._channels:
-                self._empty.set()
+        if not self._streams and not self._keys and not self._channels:
+            self._empty.set()
 
     def _held(self) -> None:
         self._empty.clear()
