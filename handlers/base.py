@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import os
 import urllib.parse
-import uuid
 from typing import Any
 
 import tornado.web
@@ -64,14 +64,15 @@ class ApiHandler(tornado.web.RequestHandler):
     counts_as_work = True  # False for probes (/healthz, /metrics): they must answer when busy
     _counted = False
     services: Services
-    user: str
+    user: str = "-"
+    stream_id: str = "-"  # the stream this request reads or starts, for the access log
     ticket: Ticket | None = None
 
     def initialize(self, services: Services) -> None:
         self.services = services
         # A request id from the proxy in front (nginx's $request_id) ties its log to ours.
-        incoming = self.request.headers.get("X-Request-Id", "")
-        self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        incoming = self.request.headers.get("X-Request-Id")
+        self.request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
         logs.request_id.set(self.request_id)
         logs.user.set("-")
         logs.stream_id.set("-")

@@ -9,6 +9,7 @@ import orjson
 
 from sse_gateway import logs
 from sse_gateway.chat import ChatRequest, parse_chat_request, with_system_prompt
+from sse_gateway.delivery import LogDelivery
 from sse_gateway.errors import GatewayError
 from sse_gateway.streams import parse_last_event_id
 from sse_gateway.usage import UsageMeter
@@ -38,16 +39,23 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
             return
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
+        self.stream_id = stream_id
         logs.stream_id.set(stream_id)
         position = 0 if is_new else await self._resume_position(stream_id)
-        # Attach before the producer starts, so that the stream is never without a reader (§5).
-        reader = await streams.attach(stream_id, position)
+        # Counted as a reader before the producer starts, so that the stream never lacks one.
+        await streams.add_reader(stream_id)
         try:
             if is_new:
-                streams.start(stream_id, self.user, request.payload)
-            await self.serve_events(reader, stream_id=stream_id, wait_for_upstream=True)
-        finally:
-            await streams.detach(reader)
+                streams.start(stream_id, self.user, request.payload, read=True)
+            # The head waits for the upstream's, one heartbeat interval at most (§4.1).
+            error = await streams.started(stream_id, self.services.settings.heartbeat_interval)
+            if error is not None:
+                raise error
+        except BaseException:
+            await streams.remove_reader(stream_id)
+            raise
+        delivery = LogDelivery(self.services.store.logs, stream_id, position, self.services.metrics)
+        await self.serve_events(delivery, stream_id=stream_id, on_over=lambda: streams.reader_left(stream_id))
 
     async def _resume_position(self, stream_id: str) -> int:
         """Where a repeated POST (same Idempotency-Key) resumes: after its Last-Event-ID.
@@ -56,7 +64,7 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         again, with the id of the last event it got.
         """
         last = self.request.headers.get("Last-Event-ID")
-        info = await self.services.store.stream_info(stream_id)
+        info = await self.services.store.logs.info(stream_id)
         if not last or info is None:
             return 0
         position = parse_last_event_id(last, info)

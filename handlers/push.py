@@ -15,22 +15,23 @@ class EventsHandler(JsonBodyHandler, EventStreamMixin):
     cookie_methods = frozenset({"GET"})
 
     async def get(self) -> None:
-        store, policy = self.services.store, self.services.push_policy
+        channels, policy = self.services.store.channels, self.services.push_policy
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", "")
         after = parse_message_id(last) if last else None
-        feed = UserFeed(store, self.user, after, policy)
-        await feed.start()  # subscribed before the head goes out: nothing can slip between
+        feed = UserFeed(channels, self.user, after, policy)
+        await feed.subscribe()  # subscribed before the head goes out: nothing can slip between
         try:
             if after is None:
-                feed.after = await store.cursor(self.user)
-            await self.serve_events(feed)
-        finally:
+                feed.after = await channels.cursor(self.user)
+        except BaseException:
             feed.close()
+            raise
+        await self.serve_events(feed)
 
     async def post(self) -> None:
         body = await self.read_body()
         self.authenticate_admin()
         user, event, data = parse_publish(body)
         policy = self.services.push_policy
-        message_id = await self.services.store.publish(user, event, data, policy.retention, policy.keep)
+        message_id = await self.services.store.channels.publish(user, event, data, policy.retention, policy.keep)
         self.write_json(orjson.dumps({"id": message_id}), 202)

@@ -1,101 +1,125 @@
-"""The writing side of every event stream: head, `retry:`, frames, heartbeats, a clean end."""
+"""The event-stream side of handlers: the head, `retry:`, the hand-off to a delivery, a clean end.
+
+A handler method commits the head once it can (DESIGN.md §4.1, §5 step 3), takes the connection
+over from Tornado (`detach`), hands it to an `EventWriter` fed by a `Delivery`, and returns: the
+response goes on without a request coroutine or handler object held for it. When the response
+ends (everything delivered, a failure, the client gone) `_Ended` does what Tornado's `finish()`
+would have: the access line, the request count, the reader count.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import time
+from collections.abc import Callable
 
-from tornado.iostream import StreamClosedError
-
+from sse_gateway import logs
+from sse_gateway.delivery import Delivery
 from sse_gateway.errors import GatewayError
-from sse_gateway.frames import DONE_DATA, PING, encode_event, encode_retry
-from sse_gateway.streams import Follower, Reader
+from sse_gateway.frames import PING, encode_retry
+from sse_gateway.services import Services
 
 from .base import ApiHandler
+from .wire import EventWriter
+
+
+class _Ended:
+    """What a streamed response does when it ends, kept without its handler."""
+
+    __slots__ = ("services", "delivery", "on_over", "method", "path", "started", "request_id", "user", "stream_id",
+                 "counted")
+
+    def __init__(self, handler: EventStreamMixin, delivery: Delivery, on_over: Callable[[], None] | None) -> None:
+        self.services = handler.services
+        self.delivery = delivery
+        self.on_over = on_over
+        request = handler.request
+        self.method, self.path, self.started = request.method or "", request.path, request._start_time
+        self.request_id, self.user, self.stream_id = handler.request_id, handler.user, handler.stream_id
+        self.counted = handler.take_count()
+
+    def __call__(self, writer: EventWriter) -> None:
+        services = self.services
+        services.metrics.connections -= 1
+        services.open_streams.discard(writer)
+        self.delivery.close()
+        if self.on_over is not None:
+            self.on_over()
+        if self.counted:
+            services.active_requests -= 1
+        logs.access(200, self.method, self.path, time.time() - self.started, self.request_id, self.user, self.stream_id)
 
 
 class EventStreamMixin(ApiHandler):
     """For handlers that answer with events (DESIGN.md §4.1, §5 steps 3 to 6)."""
 
-    _follower: Follower | None = None
-    _cut_off = False  # this side closed the connection (a slow reader)
+    arrived: float  # time.monotonic() of the request's arrival: heartbeats count from it
+    _gone_early = False  # the client left before the head
 
-    async def serve_events(self, follower: Follower, *, stream_id: str | None = None,
-                           wait_for_upstream: bool = False) -> None:
-        """Write what `follower` reads until it ends or the client goes away.
+    def initialize(self, services: Services) -> None:
+        self.arrived = time.monotonic()
+        super().initialize(services)
 
-        With `wait_for_upstream` (a stream's first reader), the head waits for the upstream's,
-        for one heartbeat interval at most, so that a refusal before the stream starts is
-        still an HTTP status. Heartbeats count from the follower's creation.
+    async def serve_events(self, delivery: Delivery, *, stream_id: str | None = None,
+                           on_over: Callable[[], None] | None = None) -> None:
+        """Commit the head and let `delivery` write the rest; return at once.
+
+        `on_over` runs when the response ends, however it ends (also when the client left
+        before the head could go out).
         """
-        self._follower = follower
-        follower.on_write_timeout = self._write_timed_out
-        self.services.sweeper.add(follower)
-        self.services.metrics.connections.inc()
+        writer = self._commit(delivery, stream_id, on_over)
+        if writer is None:
+            return
         try:
-            if wait_for_upstream and isinstance(follower, Reader):
-                error = await follower.wait_until_started()
-                if error is not None:
-                    raise error
-            if follower.closed:
-                return
-            self._start(stream_id)
-            await self._relay(follower)
-        finally:
-            self.services.sweeper.discard(follower)
-            self.services.metrics.connections.dec()
+            await delivery.start(writer)
+        except GatewayError as error:
+            writer.fail(error)
 
-    def _start(self, stream_id: str | None) -> None:
+    def _commit(self, delivery: Delivery, stream_id: str | None,
+                on_over: Callable[[], None] | None) -> EventWriter | None:
+        services = self.services
+        metrics, settings = services.metrics, services.settings
+        connection = self.connection
+        if connection.stream.closed():
+            if self._gone_early:
+                metrics.disconnects.labels("client_gone").inc()
+            delivery.close()
+            if on_over is not None:
+                on_over()
+            return None
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer this response
+        self.set_header("Connection", "close")  # the writer owns the connection to its end (wire.py)
         if stream_id is not None:
             self.set_header("X-Stream-Id", stream_id)
+        now = time.monotonic()
+        interval = settings.heartbeat_interval
+        # The head waited a whole interval for the upstream: a heartbeat is due with it.
+        heartbeat = now - self.arrived >= interval
+        head = encode_retry(settings.retry_ms) + (PING if heartbeat else b"")
+        self.write(head)
+        self.flush()
+        metrics.bytes += len(head)
+        metrics.heartbeats += heartbeat
+        chunked = connection._chunking_output  # Tornado's choice for this request's HTTP version
+        ended = _Ended(self, delivery, on_over)
+        stream = self.detach()
         # Tornado leaves Nagle's algorithm on while a response streams (DESIGN.md §6).
-        self.connection.stream.set_nodelay(True)
-
-    async def _send(self, follower: Follower, data: bytes) -> None:
-        """Write and flush. The sweeper watches `writing_since`: a client that does not take
-        the data within --write-timeout (a paused or half-open socket) is disconnected, so that
-        it holds no more than one batch of memory and no other reader waits for it. It can
-        resume with Last-Event-ID."""
-        self.write(data)
-        follower.writing_since = time.monotonic()
-        try:
-            await self.flush()
-        finally:
-            follower.writing_since = None
-
-    def _write_timed_out(self) -> None:
-        self.services.metrics.disconnects.labels("slow_reader").inc()
-        self._cut_off = True
-        self.connection.stream.close()  # the pending flush ends with StreamClosedError
-
-    async def _relay(self, follower: Follower) -> None:
-        metrics = self.services.metrics
-        try:
-            head = encode_retry(self.services.settings.retry_ms)  # goes out with the response head
-            await self._send(follower, head)
-            metrics.bytes.inc(len(head))
-            while (batch := await follower.next_batch()) is not None:
-                await self._send(follower, batch)
-                if batch is PING:
-                    metrics.heartbeats.inc()
-                else:
-                    metrics.frames.inc(batch.count(b"\n\n"))  # every frame ends with a blank line
-                metrics.bytes.inc(len(batch))
-                await follower.delivered()
-        except StreamClosedError:
-            pass  # counted where the connection closed (on_connection_close, or _send)
-        except GatewayError as error:
-            # The head is out: the failure (the store gone, say) becomes an error frame. Neither
-            # frame has an id, so the client's Last-Event-ID still says what it really has.
-            self.write(encode_event(error.to_json()) + encode_event(DONE_DATA))
-            with contextlib.suppress(StreamClosedError):
-                await self.flush()
+        stream.set_nodelay(True)
+        writer = EventWriter(stream, chunked, metrics, services.deadlines, interval, settings.write_timeout,
+                             last_write=now if heartbeat else self.arrived, on_end=ended)
+        writer.delivery = delivery
+        metrics.connections += 1
+        services.open_streams.add(writer)
+        return writer
 
     def on_connection_close(self) -> None:
-        if self._follower is not None:
-            if not self._follower.closed and not self._cut_off:
-                self.services.metrics.disconnects.labels("client_gone").inc()
-            self._follower.close()
+        super().on_connection_close()
+        self._gone_early = True  # before the head (after it, the writer is told)
+
+    def take_count(self) -> bool:
+        """Hand this request's place in --max-connections over to the response that outlives
+        the handler."""
+        counted, self._counted = self._counted, False
+        return counted
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import orjson
 
 from sse_gateway import logs
+from sse_gateway.delivery import LogDelivery
 from sse_gateway.errors import GatewayError
 from sse_gateway.store import StreamInfo
 from sse_gateway.streams import parse_last_event_id
@@ -28,6 +29,7 @@ class StreamsHandler(JsonBodyHandler):
         request = await accept_chat(self, force_stream=True)
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
+        self.stream_id = stream_id
         logs.stream_id.set(stream_id)
         if is_new:
             streams.start(stream_id, self.user, request.payload)
@@ -48,6 +50,7 @@ class StreamHandler(EventStreamMixin):
     ticket_methods = frozenset({"GET"})
 
     async def get(self, stream_id: str) -> None:
+        self.stream_id = stream_id
         logs.stream_id.set(stream_id)
         info = await self._readable(stream_id)
         # The header is the browser's own, newer than a query parameter fixed in the URL.
@@ -56,11 +59,10 @@ class StreamHandler(EventStreamMixin):
         if info.ended and position == info.length:
             self.set_status(204)  # the reader has everything, [DONE] included: stop reconnecting
             return
-        reader = await self.services.streams.attach(stream_id, position)
-        try:
-            await self.serve_events(reader, stream_id=stream_id)
-        finally:
-            await self.services.streams.detach(reader)
+        streams = self.services.streams
+        await streams.add_reader(stream_id)
+        delivery = LogDelivery(self.services.store.logs, stream_id, position, self.services.metrics)
+        await self.serve_events(delivery, stream_id=stream_id, on_over=lambda: streams.reader_left(stream_id))
 
     async def delete(self, stream_id: str) -> None:
         await self._readable(stream_id)
@@ -69,7 +71,7 @@ class StreamHandler(EventStreamMixin):
         self.write_json(orjson.dumps({"id": stream_id, "object": "stream", "state": state}))
 
     async def _readable(self, stream_id: str) -> StreamInfo:
-        info = await self.services.store.stream_info(stream_id)
+        info = await self.services.store.logs.info(stream_id)
         if info is None:
             raise stream_not_found()
         if self.ticket is not None and self.ticket.stream_id != stream_id:

@@ -23,7 +23,7 @@ import secrets
 import orjson
 
 from .errors import GatewayError, bad_request
-from .store import Store
+from .store import Keys
 
 __all__ = ["ReadTickets", "Sessions", "IdempotencyKeys", "Ticket"]
 
@@ -43,20 +43,20 @@ class Ticket:
 
 
 class ReadTickets:
-    def __init__(self, store: Store, ttl: float) -> None:
-        self._store = store
+    def __init__(self, keys: Keys, ttl: float) -> None:
+        self._keys = keys
         self.ttl = ttl
 
     async def issue(self, stream_id: str, user: str) -> str:
         token = secrets.token_urlsafe(24)
-        await self._store.put(_hashed("ticket", token), orjson.dumps([stream_id, user]), self.ttl)
+        await self._keys.put(_hashed("ticket", token), orjson.dumps([stream_id, user]), self.ttl)
         return token
 
     async def check(self, token: str) -> Ticket | None:
         """The ticket behind `token`, or None when it is forged or expired."""
         if not token or len(token) > 128:
             return None
-        value = await self._store.get(_hashed("ticket", token))
+        value = await self._keys.get(_hashed("ticket", token))
         if value is None:
             return None
         stream_id, user = orjson.loads(value)
@@ -64,21 +64,21 @@ class ReadTickets:
 
 
 class Sessions:
-    def __init__(self, store: Store, ttl: float) -> None:
-        self._store = store
+    def __init__(self, keys: Keys, ttl: float) -> None:
+        self._keys = keys
         self.ttl = ttl
 
     async def create(self, user: str) -> str:
         session_id = secrets.token_urlsafe(24)
-        await self._store.put(_hashed("session", session_id), user.encode(), self.ttl)
+        await self._keys.put(_hashed("session", session_id), user.encode(), self.ttl)
         return session_id
 
     async def user(self, session_id: str) -> str | None:
-        value = await self._store.get(_hashed("session", session_id))
+        value = await self._keys.get(_hashed("session", session_id))
         return value.decode() if value is not None else None
 
     async def end(self, session_id: str) -> None:
-        await self._store.delete(_hashed("session", session_id))
+        await self._keys.delete(_hashed("session", session_id))
 
 
 def check_idempotency_key(value: str) -> str:
@@ -93,8 +93,8 @@ def check_idempotency_key(value: str) -> str:
 class IdempotencyKeys:
     """(user, key) -> the stream a first request started, with a fingerprint of its body."""
 
-    def __init__(self, store: Store, ttl: float) -> None:
-        self._store = store
+    def __init__(self, keys: Keys, ttl: float) -> None:
+        self._keys = keys
         self.ttl = ttl
 
     @staticmethod
@@ -108,7 +108,7 @@ class IdempotencyKeys:
         wrong answer: 409.
         """
         value = orjson.dumps([stream_id, fingerprint])
-        existing = await self._store.put(self._key(user, key), value, self.ttl, only_if_absent=True)
+        existing = await self._keys.put(self._key(user, key), value, self.ttl, only_if_absent=True)
         if existing is None:
             return None
         earlier_stream, earlier_fingerprint = orjson.loads(existing)
@@ -121,7 +121,7 @@ class IdempotencyKeys:
 
     async def release(self, user: str, key: str) -> None:
         """Forget the key (its stream is gone), so that the next request starts afresh."""
-        await self._store.delete(self._key(user, key))
+        await self._keys.delete(self._key(user, key))
 
 
 def fingerprint(payload: dict[str, object]) -> str:

@@ -14,7 +14,7 @@ import math
 from .errors import GatewayError
 from .metrics import Metrics
 from .policy import Policy
-from .store import Store
+from .store import Counters
 from .usage import UsageBook, today
 
 __all__ = ["Limiter", "limited"]
@@ -34,8 +34,8 @@ def _seconds_to_midnight() -> float:
 
 
 class Limiter:
-    def __init__(self, store: Store, usage: UsageBook, policy: Policy, metrics: Metrics) -> None:
-        self.store = store
+    def __init__(self, counters: Counters, usage: UsageBook, policy: Policy, metrics: Metrics) -> None:
+        self.counters = counters
         self.usage = usage
         self.policy = policy
         self.metrics = metrics
@@ -48,7 +48,7 @@ class Limiter:
         """Before a request that asks the model for anything: requests per minute, tokens per day."""
         rules = self.policy.for_user(user)
         if rules.requests_per_minute:
-            count, left = await self.store.count_event(f"rpm:{user}", 60)
+            count, left = await self.counters.count_event(f"rpm:{user}", 60)
             if count > rules.requests_per_minute:
                 raise self._refuse("requests_per_minute",
                                    f"Rate limit reached: {rules.requests_per_minute} requests per minute.", left)
@@ -58,7 +58,7 @@ class Limiter:
 
     async def take_stream(self, user: str, stream_id: str) -> None:
         rules = self.policy.for_user(user)
-        if rules.concurrent_streams and not await self.store.take_slot(
+        if rules.concurrent_streams and not await self.counters.take_slot(
             f"streams:{user}", stream_id, rules.concurrent_streams, SLOT_MAX_AGE
         ):
             raise self._refuse("concurrent_streams",
@@ -66,4 +66,4 @@ class Limiter:
 
     async def free_stream(self, user: str, stream_id: str) -> None:
         if self.policy.for_user(user).concurrent_streams:
-            await self.store.free_slot(f"streams:{user}", stream_id)
+            await self.counters.free_slot(f"streams:{user}", stream_id)

@@ -14,18 +14,34 @@ import time
 
 import orjson
 
-__all__ = ["configure_logging", "request_id", "stream_id", "user"]
+__all__ = ["access", "configure_logging", "request_id", "stream_id", "user"]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="-")
 stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", default="-")
 
 
+access_log = logging.getLogger("sse_gateway.access")
+
+
+def access(status: int, method: str, path: str, seconds: float, request: str, user: str, stream: str) -> None:
+    """The access line of one request: the path without its query string, which may carry a
+    read token. The line names its request itself, as a streamed response ends in a callback
+    rather than in the handler's context."""
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%d %s %s %.1fms request=%s user=%s", status, method, path, 1000.0 * seconds,
+                       request, user, extra={"request_id": request, "user": user, "stream_id": stream})
+
+
 class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        record.user = user.get()
-        record.stream_id = stream_id.get()
+        # A line may name its request itself (`extra=`): the access line, written when a stream
+        # ends, from whatever callback ended it.
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id.get()
+            record.user = user.get()
+            record.stream_id = stream_id.get()
         return True
 
 

@@ -1,35 +1,85 @@
-"""Prometheus metrics (`GET /metrics`), one registry per application (DESIGN.md §4.4).
+"""Prometheus metrics (`GET /metrics`), one registry per application (DESIGN.md §4.4, §6).
 
-Names follow Prometheus conventions (`_total` is added to counters by prometheus_client). With
+What moves with every frame (frames, bytes, heartbeats, the token-gap histogram) is kept in
+plain numbers on this object and turned into Prometheus samples only when `/metrics` is read:
+a `prometheus_client` counter takes a lock and several calls per update, which the data path
+must not pay per frame. Rare events (errors, disconnects, rejections) keep prometheus_client's
+labelled counters. Names follow Prometheus conventions (`_total` is added to counters). With
 `--processes=N` each process reports its own numbers: scrape each, or sum them in the query.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import bisect
+from collections.abc import Iterator, Sequence
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "Histogram", "CONTENT_TYPE_LATEST"]
 
 _LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 _GAP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15)
+
+
+class Histogram:
+    """Counts per bucket and a sum, updated with one bisect: no lock, no labels."""
+
+    __slots__ = ("name", "documentation", "bounds", "counts", "sum")
+
+    def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative, total = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+
+
+class _HotNumbers(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        yield GaugeMetricFamily("sse_open_connections", "Event-stream connections open now.", value=m.connections)
+        yield GaugeMetricFamily("sse_running_streams", "Streams whose producer runs in this process.", value=m.streams)
+        yield CounterMetricFamily("sse_frames_relayed", "Data frames written to clients.", value=m.frames)
+        yield CounterMetricFamily("sse_bytes_relayed", "Bytes of event streams written to clients.", value=m.bytes)
+        yield CounterMetricFamily("sse_heartbeats_sent", "Heartbeat comments written to clients.", value=m.heartbeats)
+        yield m.time_to_first_token.family()
+        yield m.token_gap.family()
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Gauge("sse_open_connections", "Event-stream connections open now.", registry=r)
-        self.streams = Gauge("sse_running_streams", "Streams whose producer runs in this process.", registry=r)
+        # Updated on the data path: plain numbers (see the module docstring).
+        self.connections = 0
+        self.streams = 0
+        self.frames = 0
+        self.bytes = 0
+        self.heartbeats = 0
         self.time_to_first_token = Histogram(
-            "sse_time_to_first_token_seconds", "From a stream's start to its first content chunk.", buckets=_LATENCY, registry=r
+            "sse_time_to_first_token_seconds", "From a stream's start to its first content chunk.", _LATENCY
         )
         self.token_gap = Histogram(
-            "sse_inter_token_gap_seconds", "Between successive chunks of a stream, from the upstream.", buckets=_GAP, registry=r
+            "sse_inter_token_gap_seconds", "Between successive chunks of a stream, from the upstream.", _GAP
         )
-        self.frames = Counter("sse_frames_relayed", "Data frames written to clients.", registry=r)
-        self.bytes = Counter("sse_bytes_relayed", "Bytes of event streams written to clients.", registry=r)
-        self.heartbeats = Counter("sse_heartbeats_sent", "Heartbeat comments written to clients.", registry=r)
+        r.register(_HotNumbers(self))
         self.upstream_errors = Counter("sse_upstream_errors", "Upstream failures, by kind.", ["kind"], registry=r)
         self.disconnects = Counter(
             "sse_client_disconnects", "Event-stream connections that ended early, by reason.", ["reason"], registry=r

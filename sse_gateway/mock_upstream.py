@@ -53,6 +53,7 @@ class MockRequest:
 
     body: dict[str, Any]
     authorization: str | None
+    peer: Any = None  # the client's address: the same for requests on one kept-alive connection
     state: str = "open"  # open -> finished | cancelled | dropped | rejected
     head_sent: bool = False
     chunks_sent: int = 0
@@ -206,7 +207,8 @@ class MockModel:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
         if not isinstance(body, dict):
             return _error(400, "The body must be a JSON object.", "invalid_request_error", None)
-        record = MockRequest(body=body, authorization=request.headers.get("Authorization"))
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        record = MockRequest(body=body, authorization=request.headers.get("Authorization"), peer=peer)
         self.requests.append(record)
         self._notify()
         try:

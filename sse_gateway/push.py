@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
+from .delivery import Delivery
 from .errors import bad_request
 from .frames import encode_event
-from .store import Store
-from .streams import Follower
+from .store import UserChannels
 
 __all__ = ["PushPolicy", "UserFeed", "parse_message_id", "parse_publish"]
 
@@ -62,32 +62,43 @@ def parse_publish(body: bytes) -> tuple[str, str, bytes]:
     return user, event, orjson.dumps(payload["data"])
 
 
-class UserFeed(Follower):
-    """One connection's view of a user's channel: messages after `after`, then live ones."""
+class UserFeed(Delivery):
+    """One connection's view of a user's channel: messages after `after`, then live ones.
 
-    def __init__(self, store: Store, user: str, after: str | None, policy: PushPolicy) -> None:
+    Subscribed (`subscribe()`) before the response head goes out, so that nothing published
+    after the head can be missed; delivering from `begin()`. After each batch it has handed to
+    the connection, the user's cursor moves on.
+    """
+
+    __slots__ = ("channels", "user", "after", "policy", "_cursor", "_watching")
+
+    def __init__(self, channels: UserChannels, user: str, after: str | None, policy: PushPolicy) -> None:
         super().__init__()
-        self.store = store
+        self.channels = channels
         self.user = user
         self.after = after
         self.policy = policy
         self._cursor = after
+        self._watching = False
 
-    async def start(self) -> None:
-        """Subscribe: from here on, nothing published can be missed."""
-        await self.store.watch_user(self.user, self.wake)
-
-    def _release(self) -> None:
-        self.store.unwatch_user(self.user, self.wake)
+    async def subscribe(self) -> None:
+        await self.channels.watch(self.user, self.wake)
+        self._watching = True
 
     async def _fetch(self) -> tuple[bytes, bool]:
-        messages = await self.store.messages_after(self.user, self.after, self.policy.retention)
+        messages = await self.channels.messages_after(self.user, self.after, self.policy.retention)
         if not messages:
             return b"", False
         self.after = messages[-1].id
         return b"".join(encode_event(m.data, id=m.id, event=m.event) for m in messages), False
 
-    async def delivered(self) -> None:
+    async def _delivered(self) -> None:
         if self.after is not None and self.after != self._cursor:
-            await self.store.advance_cursor(self.user, self.after, self.policy.retention)
+            await self.channels.advance_cursor(self.user, self.after, self.policy.retention)
             self._cursor = self.after
+
+    def close(self) -> None:
+        super().close()
+        if self._watching:
+            self._watching = False
+            self.channels.unwatch(self.user, self.wake)

@@ -7,23 +7,23 @@ Nothing here is global: two applications in one process (as in the tests) share 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .access import IdempotencyKeys, ReadTickets, Sessions
 from .auth import ApiKeys
 from .chat import RequestCaps
 from .config import Settings
 from .cors import CorsPolicy
-from .heartbeat import HeartbeatSweeper
+from .deadlines import Deadlines
 from .limits import Limiter
 from .metrics import Metrics
 from .mock_upstream import MockModel
 from .policy import Policy, UserPolicy, parse_policy
 from .producer import LogPolicy
 from .push import PushPolicy
-from .store import Store
-from .store.memory import MemoryStore
-from .streams import StreamRegistry
+from .store import Store, open_store
+from .streams import Producers, Streams
 from .upstream import UpstreamClient
 from .usage import Prices, SqliteUsageBook, UsageBook
 
@@ -42,11 +42,11 @@ class Services:
     cors: CorsPolicy
     upstream: UpstreamClient
     store: Store
-    streams: StreamRegistry
+    streams: Streams
     tickets: ReadTickets
     sessions: Sessions
     push_policy: PushPolicy
-    sweeper: HeartbeatSweeper
+    deadlines: Deadlines  # heartbeats, stalled writes, silent upstreams: one timer for all
     policy: Policy
     limiter: Limiter
     usage: UsageBook
@@ -55,6 +55,8 @@ class Services:
     caps: RequestCaps
     mock: MockModel | None = None  # the embedded mock model, when no --upstream-url is given
     active_requests: int = 0  # API requests being served now (--max-connections)
+    # Event-stream responses under way, once their handlers have handed them over.
+    open_streams: set[Any] = field(default_factory=set)
     draining: bool = False  # set at SIGTERM: finish what runs, take nothing new
 
     @classmethod
@@ -73,21 +75,17 @@ class Services:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
-        store: Store
+        store = open_store(settings.redis_url)
         usage: UsageBook
         if settings.redis_url:
-            # Only deployments with Redis need redis-py loaded.
-            from .store.redis import RedisStore
-            from .usage import RedisUsageBook
+            from .usage import RedisUsageBook  # only deployments with Redis need redis-py loaded
 
-            store = RedisStore(settings.redis_url)
-            usage = RedisUsageBook(store.client)
+            usage = RedisUsageBook(store.client)  # type: ignore[attr-defined]
         else:
-            store = MemoryStore()
             usage = SqliteUsageBook(settings.usage_db)
         log_policy = LogPolicy(retention=settings.stream_retention, max_events=settings.stream_max_events,
-                               max_lifetime=settings.max_stream_lifetime)
-        idempotency = IdempotencyKeys(store, ttl=settings.stream_retention + IDEMPOTENCY_MARGIN)
+                               max_lifetime=settings.max_stream_lifetime, idle_timeout=settings.upstream_idle_timeout)
+        idempotency = IdempotencyKeys(store.keys, ttl=settings.stream_retention + IDEMPOTENCY_MARGIN)
         default = UserPolicy(
             requests_per_minute=settings.requests_per_minute,
             tokens_per_day=settings.tokens_per_day,
@@ -99,9 +97,14 @@ class Services:
         policy = Policy(default, users, model_prompts)
         metrics = Metrics()
         prices = Prices(settings.prices)
-        limiter = Limiter(store, usage, policy, metrics)
-        streams = StreamRegistry(store, upstream, log_policy, idempotency, limiter=limiter, usage=usage,
-                                 prices=prices, metrics=metrics, resume_grace=settings.resume_grace)
+        limiter = Limiter(store.counters, usage, policy, metrics)
+        # A heartbeat goes out once a stream has been silent for the interval, within a thirtieth
+        # of it after (0.5 s at the default 15 s): the heartbeats due within that time share one
+        # wake-up and go out together, which is what ten thousand idle streams cost least with.
+        deadlines = Deadlines(resolution=settings.heartbeat_interval / 30)
+        producers = Producers(store.logs, store.control, upstream, log_policy, metrics, deadlines,
+                              settings.resume_grace)
+        streams = Streams(store.logs, store.control, producers, idempotency, limiter, usage, prices)
         return cls(
             settings=settings,
             keys=ApiKeys(settings.api_keys),
@@ -110,10 +113,10 @@ class Services:
             upstream=upstream,
             store=store,
             streams=streams,
-            tickets=ReadTickets(store, ttl=settings.ticket_ttl),
-            sessions=Sessions(store, ttl=settings.session_ttl),
+            tickets=ReadTickets(store.keys, ttl=settings.ticket_ttl),
+            sessions=Sessions(store.keys, ttl=settings.session_ttl),
             push_policy=PushPolicy(retention=settings.events_retention, keep=settings.events_max),
-            sweeper=HeartbeatSweeper(settings.heartbeat_interval, settings.write_timeout),
+            deadlines=deadlines,
             policy=policy,
             limiter=limiter,
             usage=usage,
@@ -126,7 +129,9 @@ class Services:
     async def close(self) -> None:
         """Stop streams, close the upstream session and the embedded mock model."""
         await self.streams.close()
-        await self.sweeper.close()
+        for response in list(self.open_streams):  # readers of streams produced elsewhere, say
+            response.close()
+        self.deadlines.close()
         await self.upstream.close()
         await self.store.close()
         await self.usage.close()

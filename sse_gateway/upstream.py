@@ -4,28 +4,32 @@
 has arrived, so that an upstream refusal can still become our HTTP status (DESIGN.md §4.1);
 its errors are `UpstreamError`s that already carry the status, type and code a client should
 see (§4.4: upstream 400 -> 400 with its message, 401/403 -> 502, 429 -> 429 with Retry-After,
-5xx -> 502, timeout -> 504). The body is then read as it arrives (never `async for line in
-resp.content`, which fails on lines over 64 KiB), decoded as SSE, and yielded as `Chunk`s whose
-`raw` bytes are relayed untouched.
+5xx -> 502, timeout -> 504). The body is then pushed to the producer as it arrives, through
+aiohttp's own connection protocol and parser (never `async for line in resp.content`, which
+fails on lines over 64 KiB), decoded as SSE, and returned as chunks whose bytes are relayed
+untouched. A chunk is parsed only when its bytes say it may carry an error, usage or a finish
+reason, or is not shaped like a JSON object.
 
 Timeouts: `--upstream-connect-timeout` bounds the TCP connect; `--upstream-idle-timeout` bounds
-every silence after the request is sent, the wait for the head included (aiohttp's `sock_read`).
+the wait for the head (aiohttp's `sock_read`) and, through the producer, every silence after.
 The upstream key is sent as a Bearer token and appears in no error message and no log line.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from .decoder import DecodeError, SSEDecoder
+from .decoder import DecodeError, RawEventDecoder
 from .errors import GatewayError
 
 __all__ = ["Chunk", "ChatStream", "UpstreamClient", "UpstreamError"]
@@ -137,12 +141,20 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-@dataclass(slots=True)
-class Chunk:
-    """One upstream event: `raw` is the JSON exactly as sent, `obj` the same parsed."""
+Chunk = tuple[bytes, dict[str, Any] | None]  # the JSON as sent; parsed when the gateway had to read it
 
-    raw: bytes
-    obj: dict[str, Any]
+_FINISH_REASON, _NO_FINISH_REASON = b'"finish_reason"', b'"finish_reason":null'
+_USAGE, _NO_USAGE = b'"usage"', b'"usage":null'
+
+
+def _needs_reading(payload: bytes) -> bool:
+    """Whether a chunk may hold something the gateway acts on: an error, usage, a finish reason,
+    or a shape that is not a JSON object. Decided on the bytes; most chunks are never parsed."""
+    return (
+        payload[:1] != b"{" or payload[-1:] != b"}" or b'"error"' in payload
+        or payload.count(_USAGE) != payload.count(_NO_USAGE)
+        or payload.count(_FINISH_REASON) != payload.count(_NO_FINISH_REASON)
+    )
 
 
 def _has_finish_reason(obj: dict[str, Any]) -> bool:
@@ -150,70 +162,161 @@ def _has_finish_reason(obj: dict[str, Any]) -> bool:
     return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
 
 
+def _parse(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise malformed("a chunk that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise malformed("a chunk that is not a JSON object")
+    return obj
+
+
+class _PushingProtocol(ResponseHandler):
+    """aiohttp's connection protocol, which also tells a listener that body data (or the end)
+    has arrived. The listener reads the body in the same callback: no task is woken, no future
+    made, per chunk."""
+
+    listener: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.listener is not None:
+            self.listener()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.listener is not None:
+            self.listener()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # The body's reader asks after every read it makes; only a paused connection has anything
+        # to resume (otherwise aiohttp feeds its parser an empty read, and calls the listener).
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
+
+class _PushingConnector(aiohttp.TCPConnector):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # aiohttp makes every connection's protocol with this factory (aiohttp 3.x, pinned).
+        self._factory = functools.partial(_PushingProtocol, loop=self._loop)
+
+
+def _release_head(response: aiohttp.ClientResponse) -> None:
+    """Let go of what only the head needed (its headers, the request's): an answer may stream
+    for an hour, and an idle stream should hold little (DESIGN.md §6). What closing and
+    releasing the response use is kept."""
+    info = response._request_info
+    response._request_info = aiohttp.RequestInfo(info.url, info.method, _NO_HEADERS, info.real_url)
+    response._raw_headers = ()
+    response._headers = _NO_HEADERS
+    response._history = ()
+    response._cache.clear()
+
+
+_NO_HEADERS: Any = CIMultiDictProxy(CIMultiDict())
+
+
 class ChatStream:
-    """The body of one streaming answer, after its head: read `batches()`; `close()` when done."""
+    """The body of one streaming answer, after its head.
+
+    `listen(callback)` has the callback called whenever data or the end arrives; `read()` then
+    returns the chunks that came, without waiting. Once `ended`, `failure` says whether the
+    answer was complete (None) or how the upstream failed (an UpstreamError, raised after the
+    good chunks before it were returned). `close()` when done.
+    """
+
+    __slots__ = ("_response", "_content", "_protocol", "_events", "_saw_finish_reason", "_reading",
+                 "ended", "failure", "last_data")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self.finished = False  # saw [DONE], or the stream ended after a finish_reason
+        self._content = response.content
+        _release_head(response)
+        # None when the whole body came with the head: aiohttp has released the connection.
+        protocol = response.connection.protocol if response.connection is not None else None
+        assert protocol is None or isinstance(protocol, _PushingProtocol)
+        self._protocol = protocol
+        if protocol is not None:
+            # aiohttp's read timer covered the wait for the head; silences of the body are
+            # watched by the producer's deadline, rather than by a timer re-armed per chunk.
+            protocol.read_timeout = None
+            protocol.start_timeout()
+        self._events = RawEventDecoder()
+        self._saw_finish_reason = False
+        self._reading = False
+        self.ended = False
+        self.failure: UpstreamError | None = None
+        self.last_data = time.monotonic()
 
-    async def batches(self) -> AsyncGenerator[list[Chunk], None]:
-        """The upstream's chunks until its [DONE], as they arrive: the chunks of one read come
-        together, so that they are stored and sent together. Any failure raises an
-        UpstreamError, after the good chunks before it."""
-        decoder = SSEDecoder()
-        saw_finish_reason = False
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        if self._protocol is not None:
+            self._protocol.listener = listener
+
+    def read(self) -> list[Chunk]:
+        """The chunks that arrived since the last call (until the upstream's [DONE])."""
+        if self.ended or self._reading:
+            return []
+        self._reading = True  # reading may resume the transport, which calls the listener again
         try:
-            async for data in self._response.content.iter_any():
-                batch: list[Chunk] = []
-                failure: UpstreamError | None = None
-                done = False
-                try:
-                    for event in decoder.feed(data):
-                        if event.data == "[DONE]":
-                            done = True
-                            break
-                        chunk = self._parse(event.event, event.data)
-                        saw_finish_reason = saw_finish_reason or _has_finish_reason(chunk.obj)
-                        batch.append(chunk)
-                except UpstreamError as exc:
-                    failure = exc
-                if batch:
-                    yield batch
-                if failure is not None:
-                    raise failure
-                if done:
-                    self.finished = True
-                    return
-        except DecodeError as exc:
-            raise malformed(str(exc)) from None
+            return self._read()
+        finally:
+            self._reading = False
+
+    def _read(self) -> list[Chunk]:
+        failure: UpstreamError | None = None
+        try:
+            data = self._content.read_nowait(-1)
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise timed_out() from None
+            data, failure = b"", timed_out()
         except aiohttp.ClientError:
-            raise dropped() from None
-        # A clean end without [DONE]: complete if the model said why it stopped (some
-        # OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short.
-        if not saw_finish_reason:
-            raise dropped()
-        self.finished = True
+            data, failure = b"", dropped()
+        chunks: list[Chunk] = []
+        done = False
+        if data:
+            self.last_data = time.monotonic()
+            try:
+                for event, payload in self._events.feed(data):
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    obj = None
+                    if event is not None or _needs_reading(payload):
+                        obj = _parse(payload)
+                        error = obj.get("error")
+                        if event == b"error" or error:
+                            raise error_from_chunk(error if isinstance(error, dict) else {})
+                        self._saw_finish_reason = self._saw_finish_reason or _has_finish_reason(obj)
+                    chunks.append((payload, obj))
+            except DecodeError as exc:
+                failure = malformed(str(exc))
+            except UpstreamError as exc:
+                failure = exc
+        if not done and failure is None and self._content.at_eof():
+            # A clean end without [DONE]: complete if the model said why it stopped (some
+            # OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short.
+            done = self._saw_finish_reason
+            failure = None if done else dropped()
+        if done or failure is not None:
+            self.ended = True
+            self.failure = failure
+            self.listen(None)
+        return chunks
 
-    @staticmethod
-    def _parse(event: str, data: str) -> Chunk:
-        raw = data.encode()
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise malformed("a chunk that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise malformed("a chunk that is not a JSON object")
-        error = obj.get("error")
-        if event == "error" or error:
-            raise error_from_chunk(error if isinstance(error, dict) else {})
-        return Chunk(raw, obj)
+    def pause(self) -> None:
+        """Stop reading the upstream's socket (the log is behind); `resume()` starts again."""
+        if self._protocol is not None:
+            self._protocol.pause_reading()
+
+    def resume(self) -> None:
+        if self._protocol is not None:
+            self._protocol.resume_reading()
 
     def close(self) -> None:
         """Release the connection; one not read to the end is closed, which cancels the upstream work."""
-        if self.finished:
+        self.listen(None)
+        if self.ended and self.failure is None:
             self._response.release()
         else:
             self._response.close()
@@ -243,7 +346,7 @@ class UpstreamClient:
         if self._session is None or self._session.closed:
             # limit=0: every gateway stream holds one upstream connection for its whole life;
             # how many streams may run is decided at the gateway's door, not by a pool queue.
-            connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+            connector = _PushingConnector(limit=0, enable_cleanup_closed=True)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, trust_env=False, headers={"User-Agent": USER_AGENT}
             )

@@ -30,6 +30,7 @@ __all__ = ["Prices", "UsageBook", "SqliteUsageBook", "RedisUsageBook", "UsageMet
 log = logging.getLogger("sse_gateway.usage")
 
 NANOS = 1_000_000_000
+_CONTENT, _NO_CONTENT = b'"content":"', b'"content":""'  # a chunk with a non-empty content delta
 RETRY_SECONDS = 1.0  # between attempts to write usage while the database is away
 
 
@@ -264,7 +265,15 @@ def report(user: str, rows: list[UsageRow]) -> dict[str, Any]:
 
 
 class UsageMeter:
-    """What one request consumed: the upstream's figures when it gives them, else an estimate."""
+    """What one request consumed: the upstream's figures when it gives them, else an estimate.
+
+    Streamed chunks are seen as bytes, parsed only when the upstream layer had to parse them
+    (usage, a finish reason); the prompt's estimate is taken at the start, so that the request
+    itself is not kept for the stream's life.
+    """
+
+    __slots__ = ("book", "prices", "user", "model", "client_wants_usage", "_prompt_estimate", "content_chunks",
+                 "reported")
 
     def __init__(self, book: UsageBook, prices: Prices, user: str, model: str, messages: list[Any],
                  client_wants_usage: bool = False) -> None:
@@ -273,12 +282,17 @@ class UsageMeter:
         self.user = user
         self.model = model
         self.client_wants_usage = client_wants_usage
-        self._messages = messages
+        self._prompt_estimate = estimate_tokens(_text_of(messages))
         self.content_chunks = 0
         self.reported: dict[str, Any] | None = None
 
-    def see(self, chunk: dict[str, Any]) -> bool:
-        """Note a streamed chunk; False when it is a usage chunk this client did not ask for."""
+    def see(self, payload: bytes, chunk: dict[str, Any] | None) -> bool:
+        """Note a streamed chunk (`chunk` is its parsed JSON when it was parsed); False when it
+        is a usage chunk this client did not ask for."""
+        if chunk is None:  # nothing but content or tool deltas: count content chunks on the bytes
+            if _CONTENT in payload and _NO_CONTENT not in payload:
+                self.content_chunks += 1
+            return True
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.reported = usage
@@ -306,7 +320,7 @@ class UsageMeter:
             reason = ""
         else:
             reason = ended_early or "upstream_reported_no_usage"
-            prompt = prompt if prompt is not None else estimate_tokens(_text_of(self._messages))
+            prompt = prompt if prompt is not None else self._prompt_estimate
             completion = self.content_chunks
         row = UsageRow(today(), self.model, reason, 1, prompt, completion,
                        self.prices.cost_nanos(self.model, prompt, completion))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sse_gateway.decoder import DecodeError, LineDecoder, ServerSentEvent, SSEDecoder
+from sse_gateway.decoder import DecodeError, LineDecoder, RawEventDecoder, ServerSentEvent, SSEDecoder
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def decode(data: bytes) -> list[tuple[str, str, str | None]]:
@@ -125,3 +125,57 @@ def test_real_openai_capture_decodes_to_its_ten_events():
         chunks = [json.loads(e.data) for e in events[:-1]]
         assert all(c["object"] == "chat.completion.chunk" for c in chunks)
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "3 + 5 = 8"
+
+
+# --- the gateway's own decoder: the same events as the spec's, with the data kept as bytes ------
+
+
+def relayed(decoder: RawEventDecoder, data: bytes) -> list[tuple[str, str]]:
+    return [((e or b"message").decode(), d.decode()) for e, d in decoder.feed(data)]
+
+
+def reference(data: bytes) -> list[tuple[str, str]]:
+    return [(e.event, e.data) for e in SSEDecoder().feed(data)]
+
+
+@pytest.mark.parametrize(("data", "_expected"), CASES)
+def test_the_relay_decoder_agrees_with_the_spec_at_every_split(data, _expected):
+    expected = reference(data)
+    for cut in range(len(data) + 1):
+        decoder = RawEventDecoder()
+        assert relayed(decoder, data[:cut]) + relayed(decoder, data[cut:]) == expected, f"split at {cut}"
+
+
+def test_the_relay_decoder_byte_by_byte():
+    data = "\ufeffid: 1\r\nevent: e\r\ndata: 中\r\ndata: 😀\r\n\r\n: c\rdata: z\r\r\n\n\ndata: {\"a\":1}\n\n".encode()
+    decoder = RawEventDecoder()
+    events = [e for i in range(len(data)) for e in relayed(decoder, data[i : i + 1])]
+    assert events == reference(data)
+
+
+def test_the_relay_decoder_reads_a_real_capture_at_every_seventh_split():
+    data = (SAMPLES / "openai_chat_stream.sse").read_bytes()
+    expected = reference(data)
+    assert len(expected) == 10
+    for cut in range(0, len(data) + 1, 7):
+        decoder = RawEventDecoder()
+        assert relayed(decoder, data[:cut]) + relayed(decoder, data[cut:]) == expected
+
+
+def test_the_relay_decoder_keeps_a_long_event_whole_and_bounded():
+    payload = b"x" * (1024 * 1024)
+    decoder = RawEventDecoder()
+    events = []
+    for start in range(0, len(payload), 4096):
+        events += decoder.feed((b"data: " + payload + b"\n\n")[start : start + 4096])
+    events += decoder.feed((b"data: " + payload + b"\n\n")[len(payload) // 4096 * 4096 :])
+    assert [d for _e, d in events] == [payload]
+    bounded = RawEventDecoder(max_size=1000)
+    with pytest.raises(DecodeError):
+        for _ in range(20):
+            bounded.feed(b"data: " + b"x" * 100)
+
+
+def test_the_relay_decoder_keeps_data_bytes_as_sent():
+    data = 'data: {"content":"😀 \\u00e9"}\n\n'.encode()
+    assert RawEventDecoder().feed(data) == [(None, 'data: {"content":"😀 \\u00e9"}'.encode()[6:])]

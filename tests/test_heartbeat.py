@@ -56,22 +56,3 @@ async def test_heartbeats_between_slow_tokens(start_gateway, http):
     assert len(reader.comments) >= 4
     for event in reader.events[:-1]:
         assert json.loads(event.data)["object"] == "chat.completion.chunk"
-
-
-def test_one_sweep_handles_silent_busy_and_stuck_connections():
-    from sse_gateway.heartbeat import HeartbeatSweeper
-    from sse_gateway.streams import Follower
-
-    sweeper = HeartbeatSweeper(interval=4, write_timeout=2)  # ticks every 0.5 s
-    silent, busy, stuck, fresh = Follower(), Follower(), Follower(), Follower()
-    timed_out = []
-    stuck.on_write_timeout = lambda: timed_out.append("stuck")
-    now = 1000.0
-    silent.last_write = now - 3.6  # silent for longer than interval - tick
-    busy.last_write = now - 1.0
-    stuck.last_write, stuck.writing_since = now - 10, now - 2.1  # its write waits past the timeout
-    fresh.last_write, fresh.writing_since = now - 10, now - 0.5  # a write under way, still in time
-    sweeper._targets |= {silent, busy, stuck, fresh}
-    assert sweeper.sweep(now) == 2  # heartbeats for the silent one and the one busy writing
-    assert silent._heartbeat_due and not busy._heartbeat_due and fresh._heartbeat_due
-    assert timed_out == ["stuck"] and stuck.writing_since is None and not stuck._heartbeat_due

@@ -91,12 +91,12 @@ async def test_eventsource_resumes_through_nginx_on_the_other_instance(start_gat
     text = " ".join(f"word{i}" for i in range(80))
     await ask(page, text, "eventsource")
     await wait_words(page, 15)
-    serving = [i for i, gateway in enumerate(gateways) if len(gateway.services.sweeper) == 1]
+    serving = [i for i, gateway in enumerate(gateways) if gateway.services.metrics.connections == 1]
     assert len(serving) == 1, "one instance holds the EventSource connection"
     other = gateways[1 - serving[0]]
     await relays[serving[0]].close()  # that instance becomes unreachable for nginx
     await wait_words(page, 40)
-    assert len(other.services.sweeper) == 1  # the reconnect went to the other instance
+    assert other.services.metrics.connections == 1  # the reconnect went to the other instance
     await wait_state(page, "done")
     await page.screenshot(path=str(artifacts / "resumed-through-nginx.png"), full_page=True)
     assert await shown(page) == text  # exactly once, nothing lost, nothing repeated

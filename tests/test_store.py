@@ -1,12 +1,14 @@
-"""The memory store and the reader over it: expiry, claims, batching."""
+"""The stores and the delivery over them: expiry, claims, live push, lagging readers, batching."""
 
 from __future__ import annotations
 
 import asyncio
 
+from sse_gateway.delivery import LogDelivery
+from sse_gateway.errors import GatewayError
+from sse_gateway.metrics import Metrics
 from sse_gateway.store import StreamState
 from sse_gateway.store.memory import MemoryStore
-from sse_gateway.streams import Reader
 
 
 class Clock:
@@ -17,14 +19,39 @@ class Clock:
         return self.now
 
 
+class Sink:
+    """A connection as a delivery sees it: takes bytes, or says it is full."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.full = False
+        self.finished = asyncio.Event()
+        self.error: GatewayError | None = None
+
+    def write(self, data: bytes) -> bool:
+        self.writes.append(data)
+        return not self.full
+
+    def finish(self) -> None:
+        self.finished.set()
+
+    def fail(self, error: GatewayError) -> None:
+        self.error = error
+        self.finished.set()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.writes)
+
+
 async def test_keys_expire_exactly():
     clock = Clock()
     store = MemoryStore(clock)
-    await store.put("k", b"v", ttl=10)
+    await store.keys.put("k", b"v", ttl=10)
     clock.now += 9.9
-    assert await store.get("k") == b"v"
+    assert await store.keys.get("k") == b"v"
     clock.now += 0.2
-    assert await store.get("k") is None
+    assert await store.keys.get("k") is None
     assert len(store) == 0
     await store.close()
 
@@ -32,98 +59,125 @@ async def test_keys_expire_exactly():
 async def test_put_if_absent_keeps_the_live_value():
     clock = Clock()
     store = MemoryStore(clock)
-    assert await store.put("k", b"first", ttl=10, only_if_absent=True) is None
-    assert await store.put("k", b"second", ttl=10, only_if_absent=True) == b"first"
+    assert await store.keys.put("k", b"first", ttl=10, only_if_absent=True) is None
+    assert await store.keys.put("k", b"second", ttl=10, only_if_absent=True) == b"first"
     clock.now += 11
-    assert await store.put("k", b"third", ttl=10, only_if_absent=True) is None
-    assert await store.get("k") == b"third"
+    assert await store.keys.put("k", b"third", ttl=10, only_if_absent=True) is None
+    assert await store.keys.get("k") == b"third"
     await store.close()
 
 
 async def test_expire_gives_a_new_lifetime():
     clock = Clock()
     store = MemoryStore(clock)
-    await store.put("k", b"v", ttl=1)
-    await store.expire("k", 100)
+    await store.keys.put("k", b"v", ttl=1)
+    await store.keys.expire("k", 100)
     clock.now += 50
-    assert await store.get("k") == b"v"
+    assert await store.keys.get("k") == b"v"
     await store.close()
 
 
-async def test_janitor_releases_memory_without_lookups():
+async def test_expiry_releases_memory_without_lookups():
     store = MemoryStore()
-    await store.put("short", b"v", ttl=0.05)
-    await store.create_stream("s", "u", store.instance)
-    await store.end_stream("s", StreamState.DONE, [b"x"], retention=0.1)
+    await store.keys.put("short", b"v", ttl=0.05)
+    await store.logs.create("s", "u")
+    await store.logs.end("s", StreamState.DONE, [b"x"], retention=0.1)
     await asyncio.wait_for(store.wait_empty(), timeout=2)
     assert len(store) == 0
     await store.close()
 
 
-async def test_an_expired_stream_waits_for_its_last_reader():
+async def test_a_reader_of_an_expired_stream_reads_its_log_to_the_end():
     clock = Clock()
     store = MemoryStore(clock)
-    await store.create_stream("s", "u", store.instance)
-    reader = Reader(store, "s", 0)
-    await reader.start()
-    await store.end_stream("s", StreamState.DONE, [b"a", b"b"], retention=1)
+    await store.logs.create("s", "u")
+    sink = Sink()
+    delivery = LogDelivery(store.logs, "s", 0, Metrics())
+    await delivery.start(sink)
+    await store.logs.end("s", StreamState.DONE, [b"a", b"b"], retention=1)
     clock.now += 2
-    assert await reader.next_batch() == b"ab"  # still readable: its reader was attached
-    reader.close()
-    assert await store.stream_info("s") is None
+    assert await store.logs.info("s") is None  # gone for new readers
+    await asyncio.wait_for(sink.finished.wait(), 1)
+    assert sink.received == b"ab"  # its reader had it all
+
+
+async def test_frames_waiting_go_out_in_one_write():
+    # When several frames wait, the reader gets them at once, so one send carries them.
+    store = MemoryStore()
+    await store.logs.create("s", "u")
+    for frame in (b"1", b"2", b"3"):
+        store.logs.append("s", [frame])
+    sink = Sink()
+    await LogDelivery(store.logs, "s", 0, Metrics()).start(sink)
+    assert sink.writes == [b"123"]
     await store.close()
 
 
-async def test_ready_frames_are_taken_in_one_batch():
-    # When several frames wait, the writer gets them all at once, so one flush carries them.
+async def test_a_caught_up_reader_gets_each_frame_pushed_at_once():
     store = MemoryStore()
-    await store.create_stream("s", "u", store.instance)
-    reader = Reader(store, "s", 0)
-    await reader.start()
-    await store.append("s", [b"1"])
-    await store.append("s", [b"2"])
-    await store.append("s", [b"3"])
-    assert await reader.next_batch() == b"123"
-    await store.end_stream("s", StreamState.DONE, [b"[DONE]"], retention=10)
-    assert await reader.next_batch() == b"[DONE]"
-    assert await reader.next_batch() is None
+    await store.logs.create("s", "u")
+    sink = Sink()
+    await LogDelivery(store.logs, "s", 0, Metrics()).start(sink)
+    store.logs.append("s", [b"x"])
+    assert sink.writes == [b"x"]  # written within the append: no task, no wake-up in between
+    store.logs.append("s", [b"y", b"z"])
+    assert sink.writes == [b"x", b"yz"]
+    await store.logs.end("s", StreamState.DONE, [b"[DONE]"], retention=10)
+    assert sink.finished.is_set() and sink.received == b"xyz[DONE]"
     await store.close()
 
 
-async def test_a_sleeping_reader_wakes_for_frames_and_heartbeats():
+async def test_a_full_reader_catches_up_from_the_log_without_gap_or_repeat():
     store = MemoryStore()
-    await store.create_stream("s", "u", store.instance)
-    reader = Reader(store, "s", 0)
-    await reader.start()
-    waiting = asyncio.ensure_future(reader.next_batch())
-    await asyncio.sleep(0)  # the reader is now asleep
-    await store.append("s", [b"x"])
-    assert await asyncio.wait_for(waiting, 1) == b"x"
-    reader.request_heartbeat()
-    assert await reader.next_batch() == b": ping\n"
+    await store.logs.create("s", "u")
+    sink = Sink()
+    delivery = LogDelivery(store.logs, "s", 0, Metrics())
+    await delivery.start(sink)
+    sink.full = True
+    store.logs.append("s", [b"1"])  # taken, but the socket is full now: no more pushes
+    store.logs.append("s", [b"2"])
+    store.logs.append("s", [b"3"])
+    assert sink.writes == [b"1"]
+    sink.full = False
+    delivery.drained()
+    await asyncio.sleep(0)  # the catch-up runs
+    assert sink.writes == [b"1", b"23"]
+    store.logs.append("s", [b"4"])  # and it follows live again
+    assert sink.received == b"1234"
+    await store.close()
+
+
+async def test_a_reader_from_a_position_replays_then_follows():
+    store = MemoryStore()
+    await store.logs.create("s", "u")
+    store.logs.append("s", [b"a", b"b", b"c"])
+    sink = Sink()
+    await LogDelivery(store.logs, "s", 2, Metrics()).start(sink)
+    store.logs.append("s", [b"d"])
+    assert sink.writes == [b"c", b"d"]
     await store.close()
 
 
 async def test_redis_group_commit_keeps_every_stream_exact(redis_url):
     from sse_gateway.store.redis import RedisStore
 
-    writer, reader = RedisStore(redis_url), RedisStore(redis_url)  # the reader has no mirror: Redis only
+    writer, reader = RedisStore(redis_url), RedisStore(redis_url)  # the reader has no local logs: Redis only
     streams = [f"s{n}" for n in range(50)]
     for stream in streams:
-        await writer.create_stream(stream, "u", writer.instance)
+        await writer.logs.create(stream, "u")
 
     async def produce(stream: str) -> None:
         for seq in range(1, 201):
-            await writer.append(stream, [f"{stream}:{seq}".encode()])
+            writer.logs.append(stream, [f"{stream}:{seq}".encode()])
             if seq % 7 == 0:
                 await asyncio.sleep(0)  # let the others in: appends interleave across streams
-        await writer.end_stream(stream, StreamState.DONE, [f"{stream}:end".encode()], retention=60)
+        await writer.logs.end(stream, StreamState.DONE, [f"{stream}:end".encode()], retention=60)
 
     await asyncio.gather(*(produce(stream) for stream in streams))
     for stream in streams:
         frames, position = [], 0
         while True:
-            batch, info = await reader.read(stream, position)
+            batch, info = await reader.logs.read(stream, position)
             frames += batch
             position += len(batch)
             if info.ended and position >= info.length:
@@ -131,3 +185,21 @@ async def test_redis_group_commit_keeps_every_stream_exact(redis_url):
         assert frames == [f"{stream}:{seq}".encode() for seq in range(1, 201)] + [f"{stream}:end".encode()]
     await writer.close()
     await reader.close()
+
+
+async def test_redis_local_readers_get_frames_once_redis_has_them(redis_url):
+    from sse_gateway.store.redis import RedisStore
+
+    store = RedisStore(redis_url)
+    await store.logs.create("s", "u")
+    sink = Sink()
+    await LogDelivery(store.logs, "s", 0, Metrics()).start(sink)
+    store.logs.append("s", [b"a"])
+    assert sink.writes == []  # not before Redis has it: a resume elsewhere must find it
+    other = RedisStore(redis_url)
+    while not sink.writes:
+        await asyncio.sleep(0.001)
+    frames, _info = await other.logs.read("s", 0)
+    assert frames == [b"a"] and sink.writes == [b"a"]
+    await store.close()
+    await other.close()

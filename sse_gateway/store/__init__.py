@@ -1,21 +1,24 @@
-"""Where shared state lives: one interface, one backend per engine (DESIGN.md §2, §4.2, §4.3).
+"""Where shared state lives: a few small interfaces, one backend per engine (DESIGN.md §2, §4.2, §4.3).
 
-As in encode/broadcaster, the URL picks the backend: no `--redis-url` gives `MemoryStore`
-(embedded, one process); `redis://…` gives `RedisStore`, which several gateway instances share.
-A backend keeps:
+As in encode/broadcaster, the URL picks the backend (`open_store`): no `--redis-url` gives the
+memory store (embedded, one process); `redis://…` gives the Redis store, which several gateway
+instances share. A store is five parts, and each service takes only the part it needs:
 
-- stream logs: a stream's owner, state and producing instance, and its frames in order. Frames
-  are stored already encoded (`id: <stream>:<seq>` + `data:` + blank line), so that readers only
-  concatenate. One producer writes a stream; readers on any instance read it from any position
-  and are woken through `watch_stream()`. Ended streams expire `retention` seconds after the end.
-  The number of readers is counted across instances, for the resume grace.
-- per-user message channels (push): messages with unique, increasing ids, kept for a retention
-  window, and each user's cursor (the last message delivered to any of the user's connections).
-- keys with an expiry (read tickets, sessions, idempotency keys).
-- a control bus: short messages to the instance that produces a stream (stop it; its readers
-  came or went).
+- `StreamLogs`: a stream's owner, state and producing instance, and its frames in order. Frames
+  are kept already encoded (`id: <stream>:<seq>` + `data:` + blank line), so that readers only
+  concatenate. One producer writes a stream; readers on any instance read it from any position.
+  The streams produced here are also held in this process as `LocalLog`s, whose live readers get
+  new frames pushed the moment they are committed. Ended streams expire `retention` seconds after
+  the end; readers are counted across instances, for the resume grace.
+- `UserChannels` (push): messages with unique, increasing ids, kept for a retention window, and
+  each user's cursor (the last message delivered to any of the user's connections).
+- `Keys`: values with an expiry (read tickets, sessions, idempotency keys).
+- `Counters`: fixed-window counts and held slots, for limits.
+- `ControlBus`: short messages to the instance that produces a stream (stop it; its readers came
+  or went).
 
-Every method may raise `StoreUnavailable` (a 503) when the backend cannot be reached.
+The engine-independent part lives once, in `local.py`: the local log record and the wake-up
+registry. Every method may raise `StoreUnavailable` (a 503) when the backend cannot be reached.
 """
 
 from __future__ import annotations
@@ -24,12 +27,20 @@ import abc
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import GatewayError
 
-__all__ = ["ENDED", "Message", "newer_than", "Store", "StoreUnavailable", "StreamInfo", "StreamState", "Wake"]
+if TYPE_CHECKING:
+    from .local import LocalLog
+
+__all__ = [
+    "ENDED", "READ_BATCH", "ControlBus", "Counters", "Keys", "Message", "Store", "StoreUnavailable", "StreamInfo",
+    "StreamLogs", "StreamState", "UserChannels", "Wake", "message_id_key", "newer_than", "open_store",
+]
 
 Wake = Callable[[], None]
+READ_BATCH = 1000  # frames or messages one read returns at most: replays come in slices
 
 
 class StreamState(enum.Enum):
@@ -54,7 +65,7 @@ class StoreUnavailable(GatewayError):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamInfo:
     id: str
     owner: str
@@ -69,7 +80,7 @@ class StreamInfo:
         return self.state in ENDED
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """One push message of a user's channel."""
 
@@ -100,26 +111,36 @@ def newer_than(messages: Iterable[Message], after: str | None, oldest_ms: float)
     return newer[:READ_BATCH]
 
 
-class Store(abc.ABC):
-    # --- stream logs ---------------------------------------------------------------------
+class StreamLogs(abc.ABC):
+    """Stream logs, written by one producer each and read from any position by any instance."""
+
+    instance: str  # this process's instance id: the producer of the streams it creates
 
     @abc.abstractmethod
-    async def create_stream(self, stream_id: str, owner: str, instance: str) -> None:
-        """A new, empty, PENDING stream, produced by `instance`."""
+    async def create(self, stream_id: str, owner: str) -> None:
+        """A new, empty, PENDING stream, produced by this instance."""
 
     @abc.abstractmethod
-    async def stream_info(self, stream_id: str) -> StreamInfo | None:
+    async def info(self, stream_id: str) -> StreamInfo | None:
         """The stream's state, or None when it is unknown or has expired."""
 
     @abc.abstractmethod
     async def set_running(self, stream_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def append(self, stream_id: str, frames: list[bytes]) -> None:
-        """Add frames at the end of the log (by the stream's one producer)."""
+    def append(self, stream_id: str, frames: list[bytes]) -> bool:
+        """Add frames at the end of the log (by the stream's one producer), without waiting.
+
+        They reach readers once committed. False asks the producer to stop reading its upstream
+        until `on_drained` calls back: the store is that far behind.
+        """
+
+    def on_drained(self, stream_id: str, resume: Wake) -> None:  # noqa: B027 (a store that never says False)
+        """Call `resume()` once what `append` queued for the stream is committed."""
+        resume()
 
     @abc.abstractmethod
-    async def end_stream(
+    async def end(
         self,
         stream_id: str,
         state: StreamState,
@@ -134,11 +155,16 @@ class Store(abc.ABC):
         """Frames after the first `after` ones (a bounded batch), and the stream's state then."""
 
     @abc.abstractmethod
-    async def watch_stream(self, stream_id: str, wake: Wake) -> None:
+    def local(self, stream_id: str) -> LocalLog | None:
+        """The stream as this process holds it, for live readers; None when it is read from
+        elsewhere (another instance produces it), or is unknown."""
+
+    @abc.abstractmethod
+    async def watch(self, stream_id: str, wake: Wake) -> None:
         """Call `wake()` whenever the stream changes, from any instance; live once this returns."""
 
     @abc.abstractmethod
-    def unwatch_stream(self, stream_id: str, wake: Wake) -> None: ...
+    def unwatch(self, stream_id: str, wake: Wake) -> None: ...
 
     @abc.abstractmethod
     async def add_reader(self, stream_id: str) -> int:
@@ -150,18 +176,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def readers(self, stream_id: str) -> int: ...
 
-    # --- control bus between instances ---------------------------------------------------
 
-    instance: str  # this process's instance id
-
-    @abc.abstractmethod
-    def on_control(self, handler: Callable[[str, str], None]) -> None:
-        """Have `handler(verb, stream_id)` called for control messages sent to this instance."""
-
-    @abc.abstractmethod
-    async def send_control(self, instance: str, verb: str, stream_id: str) -> None: ...
-
-    # --- push messages -------------------------------------------------------------------
+class UserChannels(abc.ABC):
+    """Each user's push messages and delivery cursor."""
 
     @abc.abstractmethod
     async def publish(self, user: str, event: str, data: bytes, retention: float, keep: int) -> str:
@@ -172,11 +189,11 @@ class Store(abc.ABC):
         """The user's messages after id `after` (all retained when None), a bounded batch."""
 
     @abc.abstractmethod
-    async def watch_user(self, user: str, wake: Wake) -> None:
+    async def watch(self, user: str, wake: Wake) -> None:
         """Call `wake()` whenever the user's channel gets a message; live once this returns."""
 
     @abc.abstractmethod
-    def unwatch_user(self, user: str, wake: Wake) -> None: ...
+    def unwatch(self, user: str, wake: Wake) -> None: ...
 
     @abc.abstractmethod
     async def cursor(self, user: str) -> str | None:
@@ -186,22 +203,9 @@ class Store(abc.ABC):
     async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
         """Move the cursor to `message_id` unless it is already further."""
 
-    # --- counters for limits --------------------------------------------------------------
 
-    @abc.abstractmethod
-    async def count_event(self, key: str, window: float) -> tuple[int, float]:
-        """Count one more event in the current `window`-second window of `key`: (count so far,
-        seconds until the window ends). Windows are fixed, aligned to the clock."""
-
-    @abc.abstractmethod
-    async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
-        """Hold one of `limit` slots of `key` for `member` (holding it already counts as taken).
-        Slots older than `max_age` seconds are freed first: a crashed holder leaks none."""
-
-    @abc.abstractmethod
-    async def free_slot(self, key: str, member: str) -> None: ...
-
-    # --- keys with an expiry ---------------------------------------------------------------
+class Keys(abc.ABC):
+    """Values that expire."""
 
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False) -> bytes | None:
@@ -217,7 +221,45 @@ class Store(abc.ABC):
     async def expire(self, key: str, ttl: float) -> None:
         """Give a live key a new time to live."""
 
-    # --- life --------------------------------------------------------------------------------
+
+class Counters(abc.ABC):
+    """Counts for limits, shared by every instance."""
+
+    @abc.abstractmethod
+    async def count_event(self, key: str, window: float) -> tuple[int, float]:
+        """Count one more event in the current `window`-second window of `key`: (count so far,
+        seconds until the window ends). Windows are fixed, aligned to the clock."""
+
+    @abc.abstractmethod
+    async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
+        """Hold one of `limit` slots of `key` for `member` (holding it already counts as taken).
+        Slots older than `max_age` seconds are freed first: a crashed holder leaks none."""
+
+    @abc.abstractmethod
+    async def free_slot(self, key: str, member: str) -> None: ...
+
+
+class ControlBus(abc.ABC):
+    """Short messages to the instance that produces a stream."""
+
+    instance: str  # this process's instance id
+
+    @abc.abstractmethod
+    def on_control(self, handler: Callable[[str, str], None]) -> None:
+        """Have `handler(verb, stream_id)` called for control messages sent to this instance."""
+
+    @abc.abstractmethod
+    async def send(self, instance: str, verb: str, stream_id: str) -> None: ...
+
+
+class Store(abc.ABC):
+    """The five parts of one backend, and its life."""
+
+    logs: StreamLogs
+    channels: UserChannels
+    keys: Keys
+    counters: Counters
+    control: ControlBus
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -227,4 +269,12 @@ class Store(abc.ABC):
         """Release connections and tasks."""
 
 
-READ_BATCH = 1000  # frames or messages one read returns at most: replays come in slices
+def open_store(url: str | None) -> Store:
+    """The backend the URL names: None for the embedded memory store, `redis://…` for Redis."""
+    if not url:
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    from .redis import RedisStore  # only deployments with Redis load redis-py
+
+    return RedisStore(url)

@@ -1,293 +1,222 @@
 """The embedded store: everything in this process's memory (DESIGN.md §3, the default).
 
-Expiry is exact for every lookup (an expired entry is never returned) and memory is released by
-one janitor task that sleeps until the earliest expiry, rather than by a timer per entry.
+Expiry is exact for every lookup (an expired entry is never returned), and memory is released by
+the entries' deadlines in one timer heap (`Deadlines`), not by a timer per entry. A stream's log
+is a `LocalLog`: its readers follow it live.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import heapq
-import logging
 import secrets
 import time
 from collections.abc import Callable
 
+from ..deadlines import Deadlines
 from ..errors import GatewayError
-from . import READ_BATCH, Message, Store, StreamInfo, StreamState, Wake, message_id_key, newer_than
+from . import (
+    READ_BATCH, ControlBus, Counters, Keys, Message, Store, StreamInfo, StreamLogs, StreamState, UserChannels, Wake,
+    message_id_key, newer_than,
+)
+from .local import LocalLog, Wakeups
 
 __all__ = ["MemoryStore"]
 
-log = logging.getLogger("sse_gateway.store")
+Clock = Callable[[], float]
 
 
-class _Log:
-    __slots__ = ("owner", "instance", "state", "frames", "start_error", "watchers", "readers", "expires_at")
+class _Held:
+    """What the memory store holds, so that a test can wait until everything has expired."""
 
-    def __init__(self, owner: str, instance: str) -> None:
-        self.owner = owner
+    def __init__(self) -> None:
+        self.count = 0
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    def add(self) -> None:
+        self.count += 1
+        self.empty.clear()
+
+    def remove(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self.empty.set()
+
+
+class _Expiry:
+    """A deadline of one entry: release it if it has really expired, or come back when it will."""
+
+    __slots__ = ("release", "name", "deadline_at")
+
+    def __init__(self, release: Callable[[str], float | None], name: str) -> None:
+        self.release = release
+        self.name = name
+        self.deadline_at = 0.0
+
+    def on_deadline(self, now: float) -> float | None:
+        return self.release(self.name)
+
+
+class MemoryLogs(StreamLogs):
+    def __init__(self, instance: str, janitor: Deadlines, held: _Held) -> None:
         self.instance = instance
-        self.state = StreamState.PENDING
-        self.frames: list[bytes] = []
-        self.start_error: GatewayError | None = None
-        self.watchers: set[Wake] = set()
-        self.readers = 0
-        self.expires_at: float | None = None  # set when the stream ends
+        self._janitor = janitor
+        self._held = held
+        self._logs: dict[str, LocalLog] = {}
+        self._readers: dict[str, int] = {}
+        self._wakeups = Wakeups()
 
-    def info(self, stream_id: str) -> StreamInfo:
-        return StreamInfo(stream_id, self.owner, self.state, len(self.frames), self.instance, self.start_error)
+    def _log(self, stream_id: str) -> LocalLog | None:
+        log = self._logs.get(stream_id)
+        if log is not None and log.expires_at is not None and log.expires_at <= self._janitor.clock():
+            self._release(stream_id)
+            return None
+        return log
 
-    def notify(self) -> None:
-        for wake in self.watchers:
-            wake()
+    def _release(self, stream_id: str) -> float | None:
+        log = self._logs.get(stream_id)
+        if log is None or log.expires_at is None:
+            return None
+        if log.expires_at > self._janitor.clock():
+            return log.expires_at
+        del self._logs[stream_id]
+        self._readers.pop(stream_id, None)
+        self._held.remove()
+        return None
 
+    def _running(self, stream_id: str) -> LocalLog:
+        log = self._logs.get(stream_id)
+        if log is None:
+            raise KeyError(stream_id)
+        return log
 
-class MemoryStore(Store):
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.instance = secrets.token_hex(6)
-        self._clock = clock
-        self._streams: dict[str, _Log] = {}
-        self._keys: dict[str, tuple[bytes, float]] = {}
-        self._channels: dict[str, collections.deque[Message]] = {}
-        self._channel_expiry: dict[str, float] = {}
-        self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: taken at}
-        self._user_watchers: dict[str, set[Wake]] = {}
-        self._last_id = (0, 0)
-        self._control: Callable[[str, str], None] | None = None
-        self._expiries: list[tuple[float, str, str]] = []  # heap of (when, kind, name)
-        self._janitor: asyncio.Task[None] | None = None
-        self._earlier = asyncio.Event()  # an expiry earlier than the janitor's next one arrived
-        self._empty = asyncio.Event()
-        self._empty.set()
+    async def create(self, stream_id: str, owner: str) -> None:
+        if stream_id in self._logs:
+            raise ValueError(f"stream {stream_id} exists")
+        self._logs[stream_id] = LocalLog(owner, self.instance)
+        self._held.add()
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        log = self._log(stream_id)
+        return log.info(stream_id) if log is not None else None
+
+    async def set_running(self, stream_id: str) -> None:
+        log = self._running(stream_id)
+        if log.state is StreamState.PENDING:
+            log.state = StreamState.RUNNING
+            self._wakeups.wake(stream_id)
+
+    def append(self, stream_id: str, frames: list[bytes]) -> bool:
+        self._running(stream_id).extend(frames)
+        return True
+
+    async def end(self, stream_id: str, state: StreamState, frames: list[bytes], retention: float,
+                  start_error: GatewayError | None = None) -> None:
+        log = self._running(stream_id)
+        log.expires_at = self._janitor.clock() + retention
+        log.finish(state, frames, start_error)
+        self._janitor.add(log.expires_at, _Expiry(self._release, stream_id))
+        self._wakeups.wake(stream_id)
+
+    async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
+        log = self._log(stream_id)
+        if log is None:
+            return [], None
+        return log.frames[after : after + READ_BATCH], log.info(stream_id)
+
+    def local(self, stream_id: str) -> LocalLog | None:
+        return self._log(stream_id)
+
+    async def watch(self, stream_id: str, wake: Wake) -> None:
+        self._wakeups.add(stream_id, wake)
+
+    def unwatch(self, stream_id: str, wake: Wake) -> None:
+        self._wakeups.discard(stream_id, wake)
+
+    async def add_reader(self, stream_id: str) -> int:
+        if stream_id not in self._logs:
+            return 0
+        count = self._readers[stream_id] = self._readers.get(stream_id, 0) + 1
+        return count
+
+    async def remove_reader(self, stream_id: str) -> int:
+        if stream_id not in self._logs:
+            return 0
+        count = self._readers[stream_id] = max(0, self._readers.get(stream_id, 0) - 1)
+        return count
+
+    async def readers(self, stream_id: str) -> int:
+        return self._readers.get(stream_id, 0) if stream_id in self._logs else 0
 
     def __len__(self) -> int:
-        """Streams, channels and keys held, expired ones not yet released included."""
-        return len(self._streams) + len(self._keys) + len(self._channels)
+        return len(self._logs)
 
-    async def wait_empty(self) -> None:
-        """Until nothing is held any more (everything has ended and expired)."""
-        await self._empty.wait()
 
-    # --- expiry ----------------------------------------------------------------------------
+class MemoryKeys(Keys):
+    def __init__(self, janitor: Deadlines, held: _Held) -> None:
+        self._janitor = janitor
+        self._held = held
+        self._values: dict[str, tuple[bytes, float]] = {}
 
-    def _schedule(self, when: float, kind: str, name: str) -> None:
-        earliest = self._expiries[0][0] if self._expiries else None
-        heapq.heappush(self._expiries, (when, kind, name))
-        if self._janitor is None:
-            self._janitor = asyncio.get_running_loop().create_task(self._run_janitor(), name="store-janitor")
-        elif earliest is None or when < earliest:
-            self._earlier.set()
-
-    async def _run_janitor(self) -> None:
-        while self._expiries:
-            delay = self._expiries[0][0] - self._clock()
-            if delay > 0:
-                self._earlier.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._earlier.wait(), delay)
-                continue
-            _, kind, name = heapq.heappop(self._expiries)
-            # The entry may have been given a new expiry, or deleted, since it was scheduled.
-            if kind == "stream":
-                self._stream(name)
-            elif kind == "channel":
-                self._channel_expired(name)
-            else:
-                self._key(name)
-        self._janitor = None
-
-    def _released(self) -> None:
-        if not self._streams and not self._keys and not self._channels:
-            self._empty.set()
-
-    def _held(self) -> None:
-        self._empty.clear()
-
-    def _stream(self, stream_id: str) -> _Log | None:
-        """The live stream, releasing it if it has expired."""
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream.expires_at is not None and stream.expires_at <= self._clock():
-            if stream.watchers:  # a reader is still writing out its last frames
-                return stream
-            del self._streams[stream_id]
-            self._released()
-            return None
-        return stream
-
-    def _key(self, key: str) -> bytes | None:
-        entry = self._keys.get(key)
+    def _live(self, key: str) -> bytes | None:
+        entry = self._values.get(key)
         if entry is None:
             return None
-        if entry[1] <= self._clock():
-            del self._keys[key]
-            self._released()
+        if entry[1] <= self._janitor.clock():
+            self._release(key)
             return None
         return entry[0]
 
-    # --- stream logs -----------------------------------------------------------------------
+    def _release(self, key: str) -> float | None:
+        entry = self._values.get(key)
+        if entry is None:
+            return None
+        if entry[1] > self._janitor.clock():
+            return entry[1]
+        del self._values[key]
+        self._held.remove()
+        return None
 
-    async def create_stream(self, stream_id: str, owner: str, instance: str) -> None:
-        if stream_id in self._streams:
-            raise ValueError(f"stream {stream_id} exists")
-        self._streams[stream_id] = _Log(owner, instance)
-        self._held()
+    async def put(self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False) -> bytes | None:
+        existing = self._live(key)
+        if only_if_absent and existing is not None:
+            return existing
+        expires_at = self._janitor.clock() + ttl
+        if key not in self._values:
+            self._held.add()
+        self._values[key] = (value, expires_at)
+        self._janitor.add(expires_at, _Expiry(self._release, key))
+        return None
 
-    async def stream_info(self, stream_id: str) -> StreamInfo | None:
-        stream = self._stream(stream_id)
-        return stream.info(stream_id) if stream is not None else None
+    async def get(self, key: str) -> bytes | None:
+        return self._live(key)
 
-    async def set_running(self, stream_id: str) -> None:
-        stream = self._streams[stream_id]
-        if stream.state is StreamState.PENDING:
-            stream.state = StreamState.RUNNING
-            stream.notify()
+    async def delete(self, key: str) -> None:
+        if self._values.pop(key, None) is not None:
+            self._held.remove()
 
-    async def append(self, stream_id: str, frames: list[bytes]) -> None:
-        stream = self._streams[stream_id]
-        stream.frames.extend(frames)
-        stream.notify()
+    async def expire(self, key: str, ttl: float) -> None:
+        value = self._live(key)
+        if value is not None:
+            await self.put(key, value, ttl)
 
-    async def end_stream(
-        self,
-        stream_id: str,
-        state: StreamState,
-        frames: list[bytes],
-        retention: float,
-        start_error: GatewayError | None = None,
-    ) -> None:
-        stream = self._streams[stream_id]
-        stream.frames.extend(frames)
-        stream.state = state
-        stream.start_error = start_error
-        stream.expires_at = self._clock() + retention
-        self._schedule(stream.expires_at, "stream", stream_id)
-        stream.notify()
+    def __len__(self) -> int:
+        return len(self._values)
 
-    async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
-        stream = self._stream(stream_id)
-        if stream is None:
-            return [], None
-        return stream.frames[after : after + READ_BATCH], stream.info(stream_id)
 
-    async def watch_stream(self, stream_id: str, wake: Wake) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.watchers.add(wake)
-
-    def unwatch_stream(self, stream_id: str, wake: Wake) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.watchers.discard(wake)
-            if not stream.watchers and stream.expires_at is not None and stream.expires_at <= self._clock():
-                self._stream(stream_id)  # it only waited for this reader
-
-    async def add_reader(self, stream_id: str) -> int:
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        stream.readers += 1
-        return stream.readers
-
-    async def remove_reader(self, stream_id: str) -> int:
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        stream.readers = max(0, stream.readers - 1)
-        return stream.readers
-
-    async def readers(self, stream_id: str) -> int:
-        stream = self._streams.get(stream_id)
-        return stream.readers if stream is not None else 0
-
-    # --- control bus: one instance, so a message is a call ------------------------------
-
-    def on_control(self, handler: Callable[[str, str], None]) -> None:
-        self._control = handler
-
-    async def send_control(self, instance: str, verb: str, stream_id: str) -> None:
-        if self._control is not None and instance == self.instance:
-            self._control(verb, stream_id)
-
-    # --- push messages -----------------------------------------------------------------------
-
-    def _next_id(self) -> str:
-        ms, seq = int(time.time() * 1000), 0
-        if ms <= self._last_id[0]:
-            ms, seq = self._last_id[0], self._last_id[1] + 1
-        self._last_id = (ms, seq)
-        return f"{ms}-{seq}"
-
-    def _channel(self, user: str, retention: float) -> collections.deque[Message]:
-        """The user's channel, without the messages older than `retention` seconds."""
-        channel = self._channels.get(user)
-        if channel is None:
-            return collections.deque()
-        oldest_ms = (time.time() - retention) * 1000
-        while channel and message_id_key(channel[0].id)[0] < oldest_ms:
-            channel.popleft()
-        if not channel:
-            self._drop_channel(user)
-        return channel
-
-    def _drop_channel(self, user: str) -> None:
-        self._channels.pop(user, None)
-        self._channel_expiry.pop(user, None)
-        self._released()
-
-    def _channel_expired(self, user: str) -> None:
-        """The janitor: a channel whose newest message is past the retention goes."""
-        expiry = self._channel_expiry.get(user)
-        if expiry is not None and expiry <= self._clock():
-            self._drop_channel(user)
-
-    async def publish(self, user: str, event: str, data: bytes, retention: float, keep: int) -> str:
-        message = Message(self._next_id(), event, data)
-        channel = self._channels.setdefault(user, collections.deque())
-        channel.append(message)
-        while len(channel) > keep:
-            channel.popleft()
-        self._held()
-        self._channel(user, retention)
-        self._channel_expiry[user] = self._clock() + retention
-        self._schedule(self._channel_expiry[user], "channel", user)
-        for wake in self._user_watchers.get(user, ()):
-            wake()
-        return message.id
-
-    async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
-        channel = self._channel(user, retention)
-        return newer_than(channel, after, (time.time() - retention) * 1000)
-
-    async def watch_user(self, user: str, wake: Wake) -> None:
-        self._user_watchers.setdefault(user, set()).add(wake)
-
-    def unwatch_user(self, user: str, wake: Wake) -> None:
-        watchers = self._user_watchers.get(user)
-        if watchers is not None:
-            watchers.discard(wake)
-            if not watchers:
-                del self._user_watchers[user]
-
-    async def cursor(self, user: str) -> str | None:
-        value = self._key(f"cursor:{user}")
-        return value.decode() if value is not None else None
-
-    async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
-        current = await self.cursor(user)
-        if current is None or message_id_key(message_id) > message_id_key(current):
-            await self.put(f"cursor:{user}", message_id.encode(), retention)
-
-    # --- counters for limits --------------------------------------------------------------
+class MemoryCounters(Counters):
+    def __init__(self, keys: MemoryKeys) -> None:
+        self._keys = keys
+        self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: taken at}
 
     async def count_event(self, key: str, window: float) -> tuple[int, float]:
         now = time.time()
         start = now - now % window
         name = f"window:{key}:{start:.0f}"
-        count = int(self._key(name) or b"0") + 1
+        count = int(await self._keys.get(name) or b"0") + 1
         left = start + window - now
-        await self.put(name, str(count).encode(), left)
+        await self._keys.put(name, str(count).encode(), left)
         return count, left
 
     async def take_slot(self, key: str, member: str, limit: int, max_age: float) -> bool:
@@ -307,38 +236,123 @@ class MemoryStore(Store):
             if not slots:
                 del self._slots[key]
 
-    # --- keys with an expiry ---------------------------------------------------------------
 
-    async def put(self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False) -> bytes | None:
-        if only_if_absent:
-            existing = self._key(key)
-            if existing is not None:
-                return existing
-        expires_at = self._clock() + ttl
-        self._keys[key] = (value, expires_at)
-        self._held()
-        self._schedule(expires_at, "key", key)
+class MemoryChannels(UserChannels):
+    def __init__(self, keys: MemoryKeys, janitor: Deadlines, held: _Held) -> None:
+        self._keys = keys
+        self._janitor = janitor
+        self._held = held
+        self._channels: dict[str, collections.deque[Message]] = {}
+        self._expiry: dict[str, float] = {}  # user -> when the newest message passes the retention
+        self._wakeups = Wakeups()
+        self._last_id = (0, 0)
+
+    def _next_id(self) -> str:
+        ms, seq = int(time.time() * 1000), 0
+        if ms <= self._last_id[0]:
+            ms, seq = self._last_id[0], self._last_id[1] + 1
+        self._last_id = (ms, seq)
+        return f"{ms}-{seq}"
+
+    def _channel(self, user: str, retention: float) -> collections.deque[Message]:
+        """The user's channel, without the messages older than `retention` seconds."""
+        channel = self._channels.get(user)
+        if channel is None:
+            return collections.deque()
+        oldest_ms = (time.time() - retention) * 1000
+        while channel and message_id_key(channel[0].id)[0] < oldest_ms:
+            channel.popleft()
+        if not channel:
+            self._drop(user)
+        return channel
+
+    def _drop(self, user: str) -> None:
+        if self._channels.pop(user, None) is not None:
+            self._held.remove()
+        self._expiry.pop(user, None)
+
+    def _release(self, user: str) -> float | None:
+        expiry = self._expiry.get(user)
+        if expiry is None:
+            return None
+        if expiry > self._janitor.clock():
+            return expiry
+        self._drop(user)
         return None
 
-    async def get(self, key: str) -> bytes | None:
-        return self._key(key)
+    async def publish(self, user: str, event: str, data: bytes, retention: float, keep: int) -> str:
+        message = Message(self._next_id(), event, data)
+        channel = self._channels.get(user)
+        if channel is None:
+            channel = self._channels[user] = collections.deque()
+            self._held.add()
+        channel.append(message)
+        while len(channel) > keep:
+            channel.popleft()
+        self._channel(user, retention)
+        self._expiry[user] = self._janitor.clock() + retention
+        self._janitor.add(self._expiry[user], _Expiry(self._release, user))
+        self._wakeups.wake(user)
+        return message.id
 
-    async def delete(self, key: str) -> None:
-        if self._keys.pop(key, None) is not None:
-            self._released()
+    async def messages_after(self, user: str, after: str | None, retention: float) -> list[Message]:
+        return newer_than(self._channel(user, retention), after, (time.time() - retention) * 1000)
 
-    async def expire(self, key: str, ttl: float) -> None:
-        value = self._key(key)
-        if value is not None:
-            expires_at = self._clock() + ttl
-            self._keys[key] = (value, expires_at)
-            self._schedule(expires_at, "key", key)
+    async def watch(self, user: str, wake: Wake) -> None:
+        self._wakeups.add(user, wake)
+
+    def unwatch(self, user: str, wake: Wake) -> None:
+        self._wakeups.discard(user, wake)
+
+    async def cursor(self, user: str) -> str | None:
+        value = await self._keys.get(f"cursor:{user}")
+        return value.decode() if value is not None else None
+
+    async def advance_cursor(self, user: str, message_id: str, retention: float) -> None:
+        current = await self.cursor(user)
+        if current is None or message_id_key(message_id) > message_id_key(current):
+            await self._keys.put(f"cursor:{user}", message_id.encode(), retention)
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+
+class MemoryControl(ControlBus):
+    """One instance: a control message is a call."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._handler: Callable[[str, str], None] | None = None
+
+    def on_control(self, handler: Callable[[str, str], None]) -> None:
+        self._handler = handler
+
+    async def send(self, instance: str, verb: str, stream_id: str) -> None:
+        if self._handler is not None and instance == self.instance:
+            self._handler(verb, stream_id)
+
+
+class MemoryStore(Store):
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.instance = secrets.token_hex(6)
+        self._janitor = Deadlines(resolution=0.01, clock=clock)
+        self._held = _Held()
+        self.keys = MemoryKeys(self._janitor, self._held)
+        self.logs = MemoryLogs(self.instance, self._janitor, self._held)
+        self.channels = MemoryChannels(self.keys, self._janitor, self._held)
+        self.counters = MemoryCounters(self.keys)
+        self.control = MemoryControl(self.instance)
+
+    def __len__(self) -> int:
+        """Streams, channels and keys held, expired ones not yet released included."""
+        return self._held.count
+
+    async def wait_empty(self) -> None:
+        """Until nothing is held any more (everything has ended and expired)."""
+        await self._held.empty.wait()
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
-        if self._janitor is not None:
-            self._janitor.cancel()
-            await asyncio.gather(self._janitor, return_exceptions=True)
-            self._janitor = None
+        self._janitor.close()

@@ -1,0 +1,53 @@
+"""The shared store: Redis, for several gateway instances acting as one (DESIGN.md §4.2, §4.3).
+
+Every key is under the `sse:` prefix. The parts, each in its module:
+
+- `logs`: stream logs (`sse:stream:<id>`, `sse:stream:<id>:log`), with the local logs of the
+  streams produced here and their one writer;
+- `channels`: users' push messages and cursors (`sse:user:<user>:…`), with a shared cache per
+  user with connections here;
+- `keys`: keys with an expiry (`sse:kv:<key>`) and the counters of limits;
+- `control`: messages to one instance (`sse:instance:<id>`);
+- `listener`: the one pub/sub connection, which only ever says "look again";
+- `connection`: the client and its pool, and how failures become 503s.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from .. import Store, StoreUnavailable
+from .channels import RedisChannels
+from .connection import connect, guarded
+from .control import RedisControl
+from .keys import RedisCounters, RedisKeys
+from .listener import Subscriptions
+from .logs import RedisLogs
+
+__all__ = ["RedisStore"]
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, prefix: str = "sse:") -> None:
+        self.instance = secrets.token_hex(6)
+        self.client: Any = connect(url)  # the process's one pool, for other parts that keep data in Redis
+        self.subscriptions = Subscriptions(self.client, self.instance)
+        self.control = RedisControl(self.client, self.subscriptions, prefix)
+        self.logs = RedisLogs(self.client, self.subscriptions, self.control, prefix)
+        self.channels = RedisChannels(self.client, self.subscriptions, prefix)
+        self.keys = RedisKeys(self.client, prefix)
+        self.counters = RedisCounters(self.client, prefix)
+
+    @guarded
+    async def ping(self) -> None:
+        """Both connections work: commands, and the pub/sub that carries wake-ups."""
+        await self.client.ping()
+        if not await self.subscriptions.usable():
+            raise StoreUnavailable()
+
+    async def close(self) -> None:
+        await self.logs.close()
+        await self.channels.close()
+        await self.subscriptions.close()
+        await self.client.aclose()

@@ -1,0 +1,315 @@
+"""Stream logs on Redis, written once and read by every instance (DESIGN.md §4.2).
+
+    sse:stream:<id>            hash: owner, instance, state, start_error, readers
+    sse:stream:<id>:log        Redis Stream; entry `<seq>-0` holds frame number seq in field `f`,
+                               so "the frames after position k" is `XRANGE (k-0 +`
+    sse:stream:<id>            also the pub/sub channel that says the stream changed
+
+The streams this instance produces are also held here as `LocalLog`s: their local readers (most
+readers) never read from Redis, and get each frame pushed to them once Redis has it, so that a
+frame a client has is one any instance can resume after. One writer per process commits what
+every stream here has appended since its last write, with one script call (one round trip, one
+command for any number of streams and frames): under load, the cost of a round trip is shared
+by all the frames written in it, so the cost per frame falls as the load rises. A producer is
+asked to pause its upstream when it is MAX_QUEUED frames ahead of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ...errors import GatewayError
+from .. import READ_BATCH, StoreUnavailable, StreamInfo, StreamLogs, StreamState, Wake
+from ..local import LocalLog
+from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms
+from .control import RedisControl
+from .listener import Subscriptions
+
+__all__ = ["RedisLogs"]
+
+log = logging.getLogger("sse_gateway.store")
+
+MAX_QUEUED = 1000  # frames a producer may get ahead of Redis before it is asked to pause
+LOCAL_LINGER = 10.0  # seconds a local log outlives its stream's end, for its last readers
+STREAM_MAX_AGE = 86_400  # seconds a stream's keys live before it ends (a crashed producer's too)
+
+# KEYS: the logs written. ARGV: this instance, the logs' first lifetime, then for each log: how
+# many frames, the number of the frame before them, the frames. Each log's channel is told.
+_APPEND = """
+local at = 3
+for _, key in ipairs(KEYS) do
+  local count, seq = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  at = at + 2
+  for i = 1, count do
+    redis.call('XADD', key, (seq + i) .. '-0', 'f', ARGV[at])
+    at = at + 1
+  end
+  if seq == 0 then redis.call('EXPIRE', key, ARGV[2]) end
+  redis.call('PUBLISH', string.sub(key, 1, -5), ARGV[1])
+end
+return #KEYS
+"""
+
+_ADD_READERS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = redis.call('HINCRBY', KEYS[1], 'readers', ARGV[1])
+if n < 0 then redis.call('HSET', KEYS[1], 'readers', 0) n = 0 end
+return n
+"""
+
+
+class _Produced:
+    """A stream produced here: its local log, and its frames on their way to Redis."""
+
+    __slots__ = ("log", "queued", "writing", "broken", "on_drained")
+
+    def __init__(self, log: LocalLog) -> None:
+        self.log = log  # holds what Redis has
+        self.queued: list[bytes] = []  # appended, not yet written
+        self.writing = False  # frames of it are in the writer's round trip now
+        self.broken = False  # a write failed: Redis is away
+        self.on_drained: list[Wake] = []
+
+
+class RedisLogs(StreamLogs):
+    def __init__(self, client: Any, subscriptions: Subscriptions, control: RedisControl, prefix: str) -> None:
+        self.instance = subscriptions.instance
+        self._client = client
+        self._subscriptions = subscriptions
+        self._control = control
+        self._prefix = prefix
+        self._append = client.register_script(_APPEND)
+        self._add_readers = client.register_script(_ADD_READERS)
+        self._produced: dict[str, _Produced] = {}
+        self._dirty: dict[str, _Produced] = {}  # streams with frames queued for the writer
+        self._writer: asyncio.Task[None] | None = None
+        self._written = asyncio.Event()  # set after each round trip of the writer
+
+    def _meta(self, stream_id: str) -> str:
+        return f"{self._prefix}stream:{stream_id}"
+
+    def _log(self, stream_id: str) -> str:
+        return f"{self._prefix}stream:{stream_id}:log"
+
+    @guarded
+    async def create(self, stream_id: str, owner: str) -> None:
+        await self._control.ready()  # a stop sent to this instance must find it listening
+        meta = self._meta(stream_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(meta, mapping={"owner": owner, "instance": self.instance, "state": StreamState.PENDING.value,
+                                     "readers": 0})
+            pipe.expire(meta, STREAM_MAX_AGE)
+            await pipe.execute()
+        self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
+
+    def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
+        if b"owner" not in fields:
+            return None
+        return StreamInfo(
+            stream_id, fields[b"owner"].decode(), StreamState(fields[b"state"].decode()), length,
+            fields.get(b"instance", b"").decode(), error_from_json(fields.get(b"start_error")),
+        )
+
+    def _here(self, stream_id: str) -> LocalLog | None:
+        """The local log of a stream produced here; StoreUnavailable while Redis lost its writes."""
+        produced = self._produced.get(stream_id)
+        if produced is None:
+            return None
+        if produced.broken:
+            raise StoreUnavailable()
+        return produced.log
+
+    @guarded
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        local = self._here(stream_id)
+        if local is not None:
+            return local.info(stream_id)
+        # Without MULTI: end() writes its frames and state at once, and a reader compares its
+        # position with the length read after the state, so no order of events misleads it.
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._meta(stream_id))
+            pipe.xlen(self._log(stream_id))
+            fields, length = await pipe.execute()
+        return self._info(stream_id, fields, length)
+
+    @guarded
+    async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
+        local = self._here(stream_id)
+        if local is not None:
+            return local.frames[after : after + READ_BATCH], local.info(stream_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xrange(self._log(stream_id), min=f"({after}-0" if after else "-", max="+", count=READ_BATCH)
+            pipe.hgetall(self._meta(stream_id))
+            pipe.xlen(self._log(stream_id))
+            entries, fields, length = await pipe.execute()
+        return [entry[b"f"] for _, entry in entries], self._info(stream_id, fields, length)
+
+    def local(self, stream_id: str) -> LocalLog | None:
+        produced = self._produced.get(stream_id)
+        return produced.log if produced is not None else None
+
+    # --- writes of the streams produced here --------------------------------------------------
+
+    def append(self, stream_id: str, frames: list[bytes]) -> bool:
+        produced = self._produced[stream_id]
+        if produced.broken:
+            raise StoreUnavailable()
+        produced.queued += frames
+        self._dirty[stream_id] = produced
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return len(produced.queued) < MAX_QUEUED
+
+    def on_drained(self, stream_id: str, resume: Wake) -> None:
+        self._produced[stream_id].on_drained.append(resume)
+
+    async def _write(self) -> None:
+        """The writer: everything queued, one round trip at a time."""
+        try:
+            while self._dirty:
+                batch, self._dirty = self._dirty, {}
+                work = [(sid, produced, produced.queued) for sid, produced in batch.items()
+                        if produced.queued and not produced.broken]
+                keys: list[str] = []
+                args: list[Any] = [self.instance, STREAM_MAX_AGE]
+                for sid, produced, frames in work:
+                    produced.queued = []
+                    produced.writing = True
+                    keys.append(self._log(sid))
+                    args += [len(frames), len(produced.log.frames), *frames]
+                try:
+                    if keys:
+                        await self._append(keys=keys, args=args)
+                except BaseException as exc:
+                    if isinstance(exc, UNREACHABLE):
+                        log.warning("redis unavailable: frames of %d stream(s) not written", len(work))
+                    elif not isinstance(exc, asyncio.CancelledError):
+                        log.exception("frames of %d stream(s) not written", len(work))
+                    for _sid, produced, frames in work:
+                        produced.queued[:0] = frames  # kept in order: a Redis position is the frame's number
+                        produced.broken = True
+                        produced.writing = False
+                        produced.log.fail(StoreUnavailable())  # readers must not wait for what cannot come
+                    self._round_done()
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for _sid, produced, frames in work:
+                    produced.log.extend(frames)  # in Redis now: to the readers here
+                for _sid, produced, _frames in work:
+                    produced.writing = False
+                    if produced.on_drained and len(produced.queued) < MAX_QUEUED:
+                        resumes, produced.on_drained = produced.on_drained, []
+                        for resume in resumes:
+                            resume()
+                self._round_done()
+        finally:
+            self._writer = None
+
+    def _round_done(self) -> None:
+        self._written.set()
+        self._written = asyncio.Event()
+
+    async def _settled(self, produced: _Produced) -> None:
+        """Until the writer has no round trip of this stream's frames under way."""
+        while produced.writing:
+            await self._written.wait()
+
+    async def _commit(self, stream_id: str, write: Callable[[Any, _Produced], None]) -> _Produced:
+        """A write of a stream produced here (its state, its end), after its queued frames and
+        in one transaction with the frames still queued; run to the end even when the producer
+        is cancelled meanwhile (a stop), so that Redis and the local log never disagree."""
+        produced = self._produced[stream_id]
+
+        async def run() -> None:
+            await self._settled(produced)
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    write(pipe, produced)
+                    pipe.publish(self._meta(stream_id), self.instance)
+                    await pipe.execute()
+            except UNREACHABLE:
+                produced.broken = True
+                self._subscriptions.wake(self._meta(stream_id))
+                raise
+            produced.broken = False
+
+        task = asyncio.ensure_future(run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read, should nobody await it
+        await asyncio.shield(task)
+        return produced
+
+    def _add_frames(self, pipe: Any, stream_id: str, frames: list[bytes], first: int) -> None:
+        seq = first
+        for frame in frames:
+            seq += 1
+            pipe.xadd(self._log(stream_id), {"f": frame}, id=f"{seq}-0")
+        if frames and first == 0:  # the log's first entries: it exists from now on
+            pipe.expire(self._log(stream_id), STREAM_MAX_AGE)
+
+    @guarded
+    async def set_running(self, stream_id: str) -> None:
+        def write(pipe: Any, _produced: _Produced) -> None:
+            pipe.hset(self._meta(stream_id), "state", StreamState.RUNNING.value)
+
+        produced = await self._commit(stream_id, write)
+        produced.log.state = StreamState.RUNNING
+        self._subscriptions.wake(self._meta(stream_id))
+
+    @guarded
+    async def end(self, stream_id: str, state: StreamState, frames: list[bytes], retention: float,
+                  start_error: GatewayError | None = None) -> None:
+        meta = self._meta(stream_id)
+        last: list[bytes] = []
+
+        def write(pipe: Any, produced: _Produced) -> None:
+            # The frames still queued (a failed write left them, or the writer has not come to
+            # them yet) go in this transaction, ahead of the last ones: the writer skips them.
+            last[:] = [*produced.queued, *frames]
+            produced.queued = []
+            self._add_frames(pipe, stream_id, last, len(produced.log.frames))
+            pipe.hset(meta, mapping={"state": state.value, "start_error": error_to_json(start_error)})
+            pipe.pexpire(meta, ms(retention))
+            pipe.pexpire(self._log(stream_id), ms(retention))
+
+        try:
+            produced = await self._commit(stream_id, write)
+        except BaseException:
+            self._produced[stream_id].queued[:0] = last[: len(last) - len(frames)]  # for the next try
+            raise
+        produced.log.failure = None
+        produced.log.finish(state, last, start_error)
+        asyncio.get_running_loop().call_later(min(retention, LOCAL_LINGER), self._produced.pop, stream_id, None)
+        self._subscriptions.wake(meta)
+
+    # --- readers ------------------------------------------------------------------------------
+
+    @guarded
+    async def watch(self, stream_id: str, wake: Wake) -> None:
+        await self._subscriptions.watch(self._meta(stream_id), wake, local_only=stream_id in self._produced)
+
+    def unwatch(self, stream_id: str, wake: Wake) -> None:
+        self._subscriptions.unwatch(self._meta(stream_id), wake)
+
+    @guarded
+    async def add_reader(self, stream_id: str) -> int:
+        return int(await self._add_readers(keys=[self._meta(stream_id)], args=[1]))
+
+    @guarded
+    async def remove_reader(self, stream_id: str) -> int:
+        return int(await self._add_readers(keys=[self._meta(stream_id)], args=[-1]))
+
+    @guarded
+    async def readers(self, stream_id: str) -> int:
+        value = await self._client.hget(self._meta(stream_id), "readers")
+        return int(value) if value is not None else 0
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.wait([self._writer], timeout=2)
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
