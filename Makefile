@@ -1,6 +1,6 @@
 # make run   set up (virtualenv, packages) and serve http://127.0.0.1:8000 with the built-in mock model
 # make test  set up everything the tests need (Python packages, Debian packages) and run the suite
-# make bench run the benchmarks in bench/
+# make bench the gateway beside its peers, memory store and Redis (bench/run.sh; needs ../shared/bench)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -49,8 +49,8 @@ run: $(VENV)/.installed-run frontend
 test: $(VENV)/.installed-test system-deps frontend
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-test
-	$(BIN)/python bench/latency.py
+bench: $(VENV)/.installed-test system-deps
+	bench/run.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache test-artifacts $(FRONTEND)/node_modules $(FRONTEND)/static

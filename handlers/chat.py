@@ -38,13 +38,12 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
             await self._complete(request)
             return
         streams = self.services.streams
-        stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
+        # Counted as the stream's reader from its creation, so that it never lacks one.
+        stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key(), reader=True)
         self.stream_id = stream_id
         logs.stream_id.set(stream_id)
-        position = 0 if is_new else await self._resume_position(stream_id)
-        # Counted as a reader before the producer starts, so that the stream never lacks one.
-        await streams.add_reader(stream_id)
         try:
+            position = 0 if is_new else await self._resume_position(stream_id)
             if is_new:
                 streams.start(stream_id, self.user, request.payload, read=True)
             # The head waits for the upstream's, one heartbeat interval at most (§4.1).

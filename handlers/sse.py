@@ -104,6 +104,7 @@ class EventStreamMixin(ApiHandler):
         chunked = connection._chunking_output  # Tornado's choice for this request's HTTP version
         ended = _Ended(self, delivery, on_over)
         stream = self.detach()
+        self._let_go()
         # Tornado leaves Nagle's algorithm on while a response streams (DESIGN.md §6).
         stream.set_nodelay(True)
         writer = EventWriter(stream, chunked, metrics, services.deadlines, interval, settings.write_timeout,
@@ -112,6 +113,15 @@ class EventStreamMixin(ApiHandler):
         metrics.connections += 1
         services.open_streams.add(writer)
         return writer
+
+    def _let_go(self) -> None:
+        """Break the references between the handler, its request and the connection, so that
+        they go as soon as the handler method returns (instead of waiting for the cyclic garbage
+        collector, whose pauses would fall on every stream)."""
+        self._break_cycles()  # Tornado's own, done at finish(), which a detached handler skips
+        request = self.request
+        request.connection = None  # type: ignore[assignment]
+        request.server_connection = None
 
     def on_connection_close(self) -> None:
         super().on_connection_close()

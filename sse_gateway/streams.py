@@ -245,12 +245,14 @@ class Streams:
     async def wait_idle(self, timeout: float) -> bool:
         return await self.producers.wait_idle(timeout)
 
-    async def open(self, owner: str, payload: dict[str, Any], idempotency_key: str | None = None) -> tuple[str, bool]:
+    async def open(self, owner: str, payload: dict[str, Any], idempotency_key: str | None = None, *,
+                   reader: bool = False) -> tuple[str, bool]:
         """A stream for this request: (stream id, True) for a new one, which `start()` must run;
         (its id, False) when the same user already sent this request with this Idempotency-Key.
+        With `reader`, the request reads the stream it gets, and is counted as its reader.
         """
         stream_id = new_stream_id()
-        await self.logs.create(stream_id, owner)
+        await self.logs.create(stream_id, owner, readers=1 if reader else 0)
         earlier = None
         if idempotency_key is not None:
             request = fingerprint(payload)
@@ -262,6 +264,8 @@ class Streams:
         if earlier is not None:
             await self._discard(stream_id)
             log.info("stream %s: attached again by its Idempotency-Key", earlier)
+            if reader:
+                await self.add_reader(earlier)
             return earlier, False
         try:
             await self.limiter.take_stream(owner, stream_id)

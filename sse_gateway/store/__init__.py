@@ -117,8 +117,8 @@ class StreamLogs(abc.ABC):
     instance: str  # this process's instance id: the producer of the streams it creates
 
     @abc.abstractmethod
-    async def create(self, stream_id: str, owner: str) -> None:
-        """A new, empty, PENDING stream, produced by this instance."""
+    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
+        """A new, empty, PENDING stream, produced by this instance, with `readers` counted."""
 
     @abc.abstractmethod
     async def info(self, stream_id: str) -> StreamInfo | None:

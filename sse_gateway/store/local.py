@@ -37,7 +37,7 @@ class LocalLog:
         self.owner = owner
         self.instance = instance
         self.state = StreamState.PENDING
-        self.frames: list[bytes] = []
+        self.frames: list[bytes] = []  # a tuple once the stream has ended
         self.start_error: GatewayError | None = None
         self.failure: GatewayError | None = None  # the store lost a write: what readers read last
         self.live: list[LiveReader] = []
@@ -76,8 +76,11 @@ class LocalLog:
                 self.unfollow(reader)
 
     def finish(self, state: StreamState, frames: list[bytes], start_error: GatewayError | None) -> None:
-        """The last frames and the final state, at once."""
+        """The last frames and the final state, at once. The frames are kept as a tuple from
+        then on: nothing is added to an ended log, and a tuple of bytes is nothing the cyclic
+        garbage collector looks at while the log is kept for resume."""
         self.extend(frames)
+        self.frames = tuple(self.frames)  # type: ignore[assignment]
         self.state = state
         self.start_error = start_error
         self._changed()

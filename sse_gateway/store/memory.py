@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -44,18 +46,30 @@ class _Held:
             self.empty.set()
 
 
-class _Expiry:
-    """A deadline of one entry: release it if it has really expired, or come back when it will."""
+class _Expiries:
+    """When the entries of one part of the store expire: a heap of (when, name), and one deadline
+    for its earliest. No object per entry, so that ten thousand ended streams kept for resume
+    are nothing the cyclic garbage collector has to look at. `release(name)` drops the entry if
+    it has really expired (an entry given a new lifetime is in the heap again, for later)."""
 
-    __slots__ = ("release", "name", "deadline_at")
+    __slots__ = ("_heap", "_release", "_janitor", "deadline_at")
 
-    def __init__(self, release: Callable[[str], float | None], name: str) -> None:
-        self.release = release
-        self.name = name
-        self.deadline_at = 0.0
+    def __init__(self, janitor: Deadlines, release: Callable[[str], object]) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._release = release
+        self._janitor = janitor
+        self.deadline_at = math.inf
+
+    def add(self, when: float, name: str) -> None:
+        heapq.heappush(self._heap, (when, name))
+        if when < self.deadline_at:
+            self._janitor.add(when, self)
 
     def on_deadline(self, now: float) -> float | None:
-        return self.release(self.name)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            self._release(heapq.heappop(heap)[1])
+        return heap[0][0] if heap else None
 
 
 class MemoryLogs(StreamLogs):
@@ -66,6 +80,7 @@ class MemoryLogs(StreamLogs):
         self._logs: dict[str, LocalLog] = {}
         self._readers: dict[str, int] = {}
         self._wakeups = Wakeups()
+        self._expiries = _Expiries(janitor, self._release)
 
     def _log(self, stream_id: str) -> LocalLog | None:
         log = self._logs.get(stream_id)
@@ -91,10 +106,12 @@ class MemoryLogs(StreamLogs):
             raise KeyError(stream_id)
         return log
 
-    async def create(self, stream_id: str, owner: str) -> None:
+    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
         if stream_id in self._logs:
             raise ValueError(f"stream {stream_id} exists")
         self._logs[stream_id] = LocalLog(owner, self.instance)
+        if readers:
+            self._readers[stream_id] = readers
         self._held.add()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
@@ -116,14 +133,14 @@ class MemoryLogs(StreamLogs):
         log = self._running(stream_id)
         log.expires_at = self._janitor.clock() + retention
         log.finish(state, frames, start_error)
-        self._janitor.add(log.expires_at, _Expiry(self._release, stream_id))
+        self._expiries.add(log.expires_at, stream_id)
         self._wakeups.wake(stream_id)
 
     async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
         log = self._log(stream_id)
         if log is None:
             return [], None
-        return log.frames[after : after + READ_BATCH], log.info(stream_id)
+        return list(log.frames[after : after + READ_BATCH]), log.info(stream_id)
 
     def local(self, stream_id: str) -> LocalLog | None:
         return self._log(stream_id)
@@ -158,6 +175,7 @@ class MemoryKeys(Keys):
         self._janitor = janitor
         self._held = held
         self._values: dict[str, tuple[bytes, float]] = {}
+        self._expiries = _Expiries(janitor, self._release)
 
     def _live(self, key: str) -> bytes | None:
         entry = self._values.get(key)
@@ -186,7 +204,7 @@ class MemoryKeys(Keys):
         if key not in self._values:
             self._held.add()
         self._values[key] = (value, expires_at)
-        self._janitor.add(expires_at, _Expiry(self._release, key))
+        self._expiries.add(expires_at, key)
         return None
 
     async def get(self, key: str) -> bytes | None:
@@ -246,6 +264,7 @@ class MemoryChannels(UserChannels):
         self._expiry: dict[str, float] = {}  # user -> when the newest message passes the retention
         self._wakeups = Wakeups()
         self._last_id = (0, 0)
+        self._expiries = _Expiries(janitor, self._release)
 
     def _next_id(self) -> str:
         ms, seq = int(time.time() * 1000), 0
@@ -291,7 +310,7 @@ class MemoryChannels(UserChannels):
             channel.popleft()
         self._channel(user, retention)
         self._expiry[user] = self._janitor.clock() + retention
-        self._janitor.add(self._expiry[user], _Expiry(self._release, user))
+        self._expiries.add(self._expiry[user], user)
         self._wakeups.wake(user)
         return message.id
 

@@ -9,7 +9,8 @@ Every key is under the `sse:` prefix. The parts, each in its module:
 - `keys`: keys with an expiry (`sse:kv:<key>`) and the counters of limits;
 - `control`: messages to one instance (`sse:instance:<id>`);
 - `listener`: the one pub/sub connection, which only ever says "look again";
-- `connection`: the client and its pool, and how failures become 503s.
+- `connection`: the client and its pool, and how failures become 503s;
+- `pipeline`: the connection the data path writes with (auto-pipelined, hiredis).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .control import RedisControl
 from .keys import RedisCounters, RedisKeys
 from .listener import Subscriptions
 from .logs import RedisLogs
+from .pipeline import PipelinedConnection
 
 __all__ = ["RedisStore"]
 
@@ -34,7 +36,8 @@ class RedisStore(Store):
         self.client: Any = connect(url)  # the process's one pool, for other parts that keep data in Redis
         self.subscriptions = Subscriptions(self.client, self.instance)
         self.control = RedisControl(self.client, self.subscriptions, prefix)
-        self.logs = RedisLogs(self.client, self.subscriptions, self.control, prefix)
+        self.writes = PipelinedConnection(url)
+        self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix)
         self.channels = RedisChannels(self.client, self.subscriptions, prefix)
         self.keys = RedisKeys(self.client, prefix)
         self.counters = RedisCounters(self.client, prefix)
@@ -50,4 +53,5 @@ class RedisStore(Store):
         await self.logs.close()
         await self.channels.close()
         await self.subscriptions.close()
+        self.writes.close()
         await self.client.aclose()

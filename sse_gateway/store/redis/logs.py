@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ...errors import GatewayError
@@ -27,6 +27,7 @@ from ..local import LocalLog
 from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms
 from .control import RedisControl
 from .listener import Subscriptions
+from .pipeline import PipelinedConnection
 
 __all__ = ["RedisLogs"]
 
@@ -53,6 +54,35 @@ end
 return #KEYS
 """
 
+# KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end.
+_CREATE = """
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'instance', ARGV[2], 'state', 'pending', 'readers', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: meta. ARGV: this instance.
+_RUNNING = """
+redis.call('HSET', KEYS[1], 'state', 'running')
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: meta, log. ARGV: this instance, the final state, the start error, the retention in ms,
+# the number of the frame before the last ones, the last frames.
+_END = """
+local seq = tonumber(ARGV[5])
+for i = 6, #ARGV do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'start_error', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
 _ADD_READERS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[1], 'readers', ARGV[1])
@@ -75,14 +105,14 @@ class _Produced:
 
 
 class RedisLogs(StreamLogs):
-    def __init__(self, client: Any, subscriptions: Subscriptions, control: RedisControl, prefix: str) -> None:
+    def __init__(self, client: Any, writes: PipelinedConnection, subscriptions: Subscriptions,
+                 control: RedisControl, prefix: str) -> None:
         self.instance = subscriptions.instance
-        self._client = client
+        self._client = client  # redis-py: reads of streams produced elsewhere
+        self._writes = writes  # the data path's connection: every write of a stream here
         self._subscriptions = subscriptions
         self._control = control
         self._prefix = prefix
-        self._append = client.register_script(_APPEND)
-        self._add_readers = client.register_script(_ADD_READERS)
         self._produced: dict[str, _Produced] = {}
         self._dirty: dict[str, _Produced] = {}  # streams with frames queued for the writer
         self._writer: asyncio.Task[None] | None = None
@@ -94,15 +124,13 @@ class RedisLogs(StreamLogs):
     def _log(self, stream_id: str) -> str:
         return f"{self._prefix}stream:{stream_id}:log"
 
+    async def _eval(self, script: str, keys: list[str], *args: Any) -> Any:
+        return await self._writes.call("EVAL", script, len(keys), *keys, *args)
+
     @guarded
-    async def create(self, stream_id: str, owner: str) -> None:
+    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
         await self._control.ready()  # a stop sent to this instance must find it listening
-        meta = self._meta(stream_id)
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hset(meta, mapping={"owner": owner, "instance": self.instance, "state": StreamState.PENDING.value,
-                                     "readers": 0})
-            pipe.expire(meta, STREAM_MAX_AGE)
-            await pipe.execute()
+        await self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE)
         self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
@@ -139,7 +167,7 @@ class RedisLogs(StreamLogs):
     async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
         local = self._here(stream_id)
         if local is not None:
-            return local.frames[after : after + READ_BATCH], local.info(stream_id)
+            return list(local.frames[after : after + READ_BATCH]), local.info(stream_id)
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.xrange(self._log(stream_id), min=f"({after}-0" if after else "-", max="+", count=READ_BATCH)
             pipe.hgetall(self._meta(stream_id))
@@ -182,7 +210,7 @@ class RedisLogs(StreamLogs):
                     args += [len(frames), len(produced.log.frames), *frames]
                 try:
                     if keys:
-                        await self._append(keys=keys, args=args)
+                        await self._eval(_APPEND, keys, *args)
                 except BaseException as exc:
                     if isinstance(exc, UNREACHABLE):
                         log.warning("redis unavailable: frames of %d stream(s) not written", len(work))
@@ -218,19 +246,16 @@ class RedisLogs(StreamLogs):
         while produced.writing:
             await self._written.wait()
 
-    async def _commit(self, stream_id: str, write: Callable[[Any, _Produced], None]) -> _Produced:
-        """A write of a stream produced here (its state, its end), after its queued frames and
-        in one transaction with the frames still queued; run to the end even when the producer
-        is cancelled meanwhile (a stop), so that Redis and the local log never disagree."""
+    async def _commit(self, stream_id: str, write: Callable[[_Produced], Awaitable[None]]) -> _Produced:
+        """A write of a stream produced here (its state, its end), after its queued frames; run
+        to the end even when the producer is cancelled meanwhile (a stop), so that Redis and the
+        local log never disagree."""
         produced = self._produced[stream_id]
 
         async def run() -> None:
             await self._settled(produced)
             try:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    write(pipe, produced)
-                    pipe.publish(self._meta(stream_id), self.instance)
-                    await pipe.execute()
+                await write(produced)
             except UNREACHABLE:
                 produced.broken = True
                 self._subscriptions.wake(self._meta(stream_id))
@@ -242,18 +267,10 @@ class RedisLogs(StreamLogs):
         await asyncio.shield(task)
         return produced
 
-    def _add_frames(self, pipe: Any, stream_id: str, frames: list[bytes], first: int) -> None:
-        seq = first
-        for frame in frames:
-            seq += 1
-            pipe.xadd(self._log(stream_id), {"f": frame}, id=f"{seq}-0")
-        if frames and first == 0:  # the log's first entries: it exists from now on
-            pipe.expire(self._log(stream_id), STREAM_MAX_AGE)
-
     @guarded
     async def set_running(self, stream_id: str) -> None:
-        def write(pipe: Any, _produced: _Produced) -> None:
-            pipe.hset(self._meta(stream_id), "state", StreamState.RUNNING.value)
+        async def write(_produced: _Produced) -> None:
+            await self._eval(_RUNNING, [self._meta(stream_id)], self.instance)
 
         produced = await self._commit(stream_id, write)
         produced.log.state = StreamState.RUNNING
@@ -265,15 +282,13 @@ class RedisLogs(StreamLogs):
         meta = self._meta(stream_id)
         last: list[bytes] = []
 
-        def write(pipe: Any, produced: _Produced) -> None:
+        async def write(produced: _Produced) -> None:
             # The frames still queued (a failed write left them, or the writer has not come to
-            # them yet) go in this transaction, ahead of the last ones: the writer skips them.
+            # them yet) go in this call, ahead of the last ones: the writer skips them.
             last[:] = [*produced.queued, *frames]
             produced.queued = []
-            self._add_frames(pipe, stream_id, last, len(produced.log.frames))
-            pipe.hset(meta, mapping={"state": state.value, "start_error": error_to_json(start_error)})
-            pipe.pexpire(meta, ms(retention))
-            pipe.pexpire(self._log(stream_id), ms(retention))
+            await self._eval(_END, [meta, self._log(stream_id)], self.instance, state.value,
+                             error_to_json(start_error), ms(retention), len(produced.log.frames), *last)
 
         try:
             produced = await self._commit(stream_id, write)
@@ -296,11 +311,11 @@ class RedisLogs(StreamLogs):
 
     @guarded
     async def add_reader(self, stream_id: str) -> int:
-        return int(await self._add_readers(keys=[self._meta(stream_id)], args=[1]))
+        return int(await self._eval(_ADD_READERS, [self._meta(stream_id)], 1))
 
     @guarded
     async def remove_reader(self, stream_id: str) -> int:
-        return int(await self._add_readers(keys=[self._meta(stream_id)], args=[-1]))
+        return int(await self._eval(_ADD_READERS, [self._meta(stream_id)], -1))
 
     @guarded
     async def readers(self, stream_id: str) -> int:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make bench`: the gateway measured beside its peers, in one run of the side-by-side harness
+# (../shared/bench, or $BENCH_HARNESS), on the memory store and on Redis.
+#
+#   bench/run.sh [run.py flags...]       e.g.  bench/run.sh --phases paced --concurrency 256,1024
+#
+# Placement is the harness's: the gateway pinned to core 0; the C upstream, the C load client and
+# (for the Redis candidate) redis-server on core 1. Tables: bench/results/latest.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+harness=${BENCH_HARNESS:-$root/../shared/bench}
+out=${BENCH_OUT:-$root/bench/results}
+peers=${BENCH_PEERS:-raw_floor,naive_tornado,aiohttp_sse}
+venv=${BENCH_VENV:-/tmp/bench-venv}
+if [ ! -f "$harness/run.py" ]; then
+  echo "bench: no harness at $harness (set BENCH_HARNESS); a quick in-repository latency check instead:" >&2
+  exec "$root/.venv/bin/python" "$root/bench/latency.py"
+fi
+BENCH_VENV=$venv bash "$harness/setup.sh"
+
+# A redis-server of its own for the Redis candidate, without persistence, next to the load generator.
+data=$(mktemp -d)
+port=$("$root/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --dir "$data" --save "" --appendonly no > "$data/redis.log" 2>&1 &
+redis=$!
+trap 'kill $redis 2>/dev/null; wait $redis 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do redis-cli -p "$port" ping > /dev/null 2>&1 && break; sleep 0.1; done
+
+gateway="exec $root/.venv/bin/python $root/sse_server.py --port={port} --upstream-url={upstream_url} --heartbeat-interval={heartbeat}"
+BENCH_VENV=$venv "$venv/bin/python" "$harness/run.py" --out "$out" --peers "$peers" --litellm off \
+  --candidate "gateway=$gateway" \
+  --candidate "gateway-redis=$gateway --redis-url=redis://127.0.0.1:$port/0" \
+  "$@"
+echo "bench: tables in $out/latest.md"
