@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -48,9 +49,13 @@ log = logging.getLogger("sse_gateway")
 HERE = Path(__file__).resolve().parent
 BODY_TIMEOUT = 60.0  # seconds a client may take to send a request body
 BACKLOG = 4096  # connections the kernel queues for us: a burst of reconnects waits there, not refused
-# Connections accepted per turn of the event loop. A burst of new requests is taken in slices,
-# so that the streams already running keep getting their frames on time in between.
-ACCEPT_BATCH = 2
+# Connections accepted per turn of the event loop: a burst of new requests is taken in slices,
+# so that the streams already running keep getting their frames on time in between. A turn takes
+# ACCEPT_LEAST, or ACCEPT_RATE per millisecond since the last one if more (a loop busy with
+# running streams turns less often, and must still keep up with new ones), at most ACCEPT_MOST.
+ACCEPT_LEAST = 2
+ACCEPT_RATE = 1.0
+ACCEPT_MOST = 128
 
 
 class GatewayApplication(tornado.web.Application):
@@ -102,13 +107,19 @@ def make_server(app: GatewayApplication) -> tornado.httpserver.HTTPServer:
 
 
 def listen(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) -> Callable[[], None]:
-    """Serve connections from `sockets`, at most ACCEPT_BATCH per turn of the loop (Tornado's
+    """Serve connections from `sockets`, a few per turn of the loop (see ACCEPT_RATE; Tornado's
     own accept loop takes up to 128 at once); returns the function that stops listening."""
     io_loop = IOLoop.current()
 
     def accept(sock: socket.socket) -> Callable[[int, int], None]:
+        last = time.monotonic()
+
         def ready(_fd: int, _events: int) -> None:
-            for _ in range(ACCEPT_BATCH):
+            nonlocal last
+            now = time.monotonic()
+            batch = min(ACCEPT_MOST, max(ACCEPT_LEAST, int((now - last) * 1000 * ACCEPT_RATE)))
+            last = now
+            for _ in range(batch):
                 try:
                     connection, address = sock.accept()
                 except (BlockingIOError, InterruptedError):

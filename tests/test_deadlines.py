@@ -63,11 +63,12 @@ async def test_adding_again_replaces_the_earlier_deadline():
 async def test_deadlines_close_together_share_one_wake_up():
     deadlines = Deadlines(resolution=0.2)
     targets = [Target() for _ in range(100)]
-    start = time.monotonic()
+    bucket_start = (math.floor(time.monotonic() / 0.2) + 1) * 0.2  # the next bucket's start
     for i, target in enumerate(targets):
-        deadlines.add(start + 0.001 * i, target)  # due 1 ms apart: all in one 200 ms bucket
+        deadlines.add(bucket_start + 0.001 * (i + 1), target)  # 1 ms apart: all in one bucket
     await asyncio.wait_for(targets[-1].changed.wait(), 2)
     assert len({target.asked[0] for target in targets}) == 1  # all asked in the same turn
+    deadlines.close()
 
 
 def test_the_resolution_must_be_positive():
