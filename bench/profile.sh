@@ -36,22 +36,28 @@ load --conns 32 --chunks 16 --interval-ms 10 --warmup 0 --duration 2 --drain 3 >
 case $tool in
   pyspy)
     load --conns "$streams" --chunks 64 --interval-ms 20 --warmup 1 --duration "$seconds" --drain 3 > "$out/load.json" 2>/dev/null &
+    loading=$!
     sleep 1
     "$root/.venv/bin/py-spy" record --native --rate 200 --pid "$gateway" --duration "$seconds" --format raw \
       --output "$out/stacks.txt" > /dev/null 2>&1
-    wait
+    wait $loading
     "$root/.venv/bin/python" "$root/bench/layers.py" "$out/stacks.txt" | tee "$out/layers.txt" ;;
   strace)
     load --conns "$streams" --chunks 64 --interval-ms 20 --warmup 1 --duration "$seconds" --drain 3 > "$out/load.json" 2>/dev/null &
+    loading=$!
     sleep 1
-    timeout "$seconds" strace -c -f -p "$gateway" -o "$out/syscalls.txt" || true
-    wait
+    timeout -s INT "$seconds" strace -c -f -p "$gateway" -o "$out/syscalls.txt" || true
+    wait $loading
     head -25 "$out/syscalls.txt" ;;
   memory)
     kill -USR1 "$gateway"; sleep 1  # the baseline snapshot
-    load --mode idle --levels "$streams" --settle 2 --idle-window 6 --level-timeout 60 --deadline 120 \
+    rm -f "$out/allocations.txt"
+    load --mode idle --levels "$streams" --settle 2 --idle-window 30 --level-timeout 60 --deadline 120 \
       > "$out/load.json" 2>/dev/null &
-    sleep 8; kill -USR2 "$gateway"; wait  # the snapshot with the streams held, compared
+    loading=$!
+    sleep 10; kill -USR2 "$gateway"  # the snapshot with the streams held, compared with the baseline
+    for _ in $(seq 600); do [ -s "$out/allocations.txt" ] && break; sleep 0.1; done
+    wait $loading
     head -40 "$out/allocations.txt" ;;
   *) echo "unknown tool $tool" >&2; exit 2 ;;
 esac

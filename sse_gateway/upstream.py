@@ -305,8 +305,11 @@ class ChatStream:
         return chunks
 
     def pause(self) -> None:
-        """Stop reading the upstream's socket (the log is behind); `resume()` starts again."""
-        if self._protocol is not None:
+        """Stop reading the upstream's socket (the log is behind); `resume()` starts again.
+
+        A body that has come whole has nothing left to hold back (and aiohttp's parser refuses
+        to pause once its message is complete)."""
+        if self._protocol is not None and not self._content.is_eof():
             self._protocol.pause_reading()
 
     def resume(self) -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger("sse_gateway.usage")
 
 NANOS = 1_000_000_000
 _CONTENT, _NO_CONTENT = b'"content":"', b'"content":""'  # a chunk with a non-empty content delta
+WRITE_DELAY = 0.5  # seconds the writer gathers additions into one batch
 RETRY_SECONDS = 1.0  # between attempts to write usage while the database is away
 
 
@@ -93,14 +94,17 @@ class UsageBook(abc.ABC):
     """Totals per user, date, model and reason.
 
     `add` only adds to totals kept in memory: one writer sends them to the database in
-    batches, starting at once and with one batch in flight (what comes meanwhile goes in the
-    next), so no stream ever waits for a disk. Reads include what is not written yet; close()
-    writes the rest. A crash loses at most the batch in flight.
+    batches, WRITE_DELAY after the first addition and with one batch in flight (what comes
+    meanwhile goes in the next), so no stream ever waits for a disk, and the write of a stream
+    that just ended does not compete with the request that comes right after it. Reads include
+    what is not written yet; close() writes the rest at once. A crash loses at most what was
+    added in the last WRITE_DELAY and the batch in flight.
     """
 
     def __init__(self) -> None:
         self._pending: dict[_Key, UsageRow] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._sleeping = False  # the writer waits: for more to add to its batch, or to try again
 
     async def add(self, user: str, row: UsageRow) -> None:
         key = (user, row.date, row.model, row.reason)
@@ -111,6 +115,7 @@ class UsageBook(abc.ABC):
 
     async def _write_pending(self) -> None:
         try:
+            await self._sleep(WRITE_DELAY)
             while self._pending:
                 batch, self._pending = self._pending, {}
                 try:
@@ -120,9 +125,16 @@ class UsageBook(abc.ABC):
                     for key, row in batch.items():  # put it back, merged with what came meanwhile
                         later = self._pending.get(key)
                         self._pending[key] = _merged([row], [later])[0] if later else row
-                    await asyncio.sleep(RETRY_SECONDS)
+                    await self._sleep(RETRY_SECONDS)
         finally:
             self._writer = None
+
+    async def _sleep(self, seconds: float) -> None:
+        self._sleeping = True
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._sleeping = False
 
     @abc.abstractmethod
     async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
@@ -142,6 +154,8 @@ class UsageBook(abc.ABC):
     async def close(self) -> None:
         """Write what is pending, then release the database."""
         if self._writer is not None:
+            if self._sleeping:  # no more to wait for: what is pending gets one last try below
+                self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
         if self._pending:
             try:

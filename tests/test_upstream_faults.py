@@ -207,3 +207,35 @@ async def test_long_upstream_lines_are_relayed_whole(start_gateway, http, script
     gateway = start_gateway(upstream_url=await scripted_upstream(handler))
     _response, reader = await stream_chat(http, gateway.url, chat_body())
     assert content_of(reader.events) == long_text
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_whole_answer_in_one_read_while_the_store_is_behind(start_gateway, http):
+    """The upstream sends its whole response (head, more frames than the store takes before it
+    asks the producer to pause, and the end of the body) in one write: the body has ended when
+    the producer would pause, and the answer arrives complete."""
+    pieces = [f"w{i} " for i in range(1500)]
+    events = b"".join([*map(chunk, pieces), chunk("", "stop"), b"data: [DONE]\n\n"])
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%b\r\n0\r\n\r\n" % (len(events), events))
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        writer.write(response)  # one write: one read on the gateway's side
+        await writer.drain()
+        await reader.read()  # until the gateway lets the connection go
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = upstream.sockets[0].getsockname()[1]
+        gateway = start_gateway(upstream_url=f"http://127.0.0.1:{port}/v1")
+        _response, reader = await stream_chat(http, gateway.url, chat_body())
+        assert reader.events[-1].data == "[DONE]"
+        assert not any('"error"' in event.data for event in reader.events)  # no error frame
+        assert content_of(reader.events) == "".join(pieces)
+        assert len(reader.events) == len(pieces) + 2  # each piece, the finish reason, [DONE]
+    finally:
+        upstream.close()

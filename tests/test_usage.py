@@ -10,6 +10,7 @@ from support import EventReader, chat_body, content_of, stream_chat
 from test_errors import error_of
 
 from sse_gateway.mock_upstream import split_words
+from sse_gateway.usage import UsageBook, UsageRow, today
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 ALICE, BOB = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer key-bob"}
@@ -136,3 +137,28 @@ async def test_totals_are_shared_by_instances_on_redis(start_gateway, redis_url,
     usage = await usage_of(http, a)
     assert sorted((r["model"], r["requests"]) for r in usage["data"]) == [("mock-count", 1), ("mock-echo", 1)]
     assert usage == await usage_of(http, b)
+
+
+class _Unwritable(UsageBook):
+    """A usage database that is away for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = asyncio.Event()
+
+    async def _write(self, batch):
+        self.attempts.set()
+        raise ConnectionError("the usage database is away")
+
+    async def _rows(self, user):
+        return []
+
+
+async def test_usage_is_written_in_batches_and_close_does_not_wait_for_an_absent_database(caplog):
+    book = _Unwritable()
+    for _ in range(3):
+        await book.add("alice", UsageRow(today(), "mock-echo", "completed", 1, 2, 3, 0))
+    assert [row.requests for row in await book.rows("alice")] == [3]  # merged, readable before it is written
+    await asyncio.wait_for(book.attempts.wait(), 5)  # the writer tried, failed, and waits to try again
+    await asyncio.wait_for(book.close(), 5)  # one last try, then the loss is logged: no hang
+    assert "usage lost at shutdown" in caplog.text
