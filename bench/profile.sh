@@ -5,6 +5,7 @@
 #   bench/profile.sh pyspy  [streams=256] [seconds=10] [gateway flags]  py-spy --native, folded into layers
 #   bench/profile.sh strace [streams=256] [seconds=5]  [gateway flags]  system calls (strace -c)
 #   bench/profile.sh memory [streams=2000]             [gateway flags]  tracemalloc by site, idle streams
+#   bench/profile.sh timeline                          [gateway flags]  a lone request's steps (bench/timeline.py)
 #
 # Paced streams are the harness's: 64 chunks 20 ms apart, each finished stream replaced at once.
 # Idle streams: one chunk, then silence. Output in bench/results/profile-<tool>/.
@@ -18,14 +19,19 @@ upstream_bin=$venv/bin/sse_bench_upstream
 [ -x "$client" ] || { echo "no $client: run bash ../shared/bench/setup.sh" >&2; exit 2; }
 out=$root/bench/results/profile-$tool
 mkdir -p "$out"
-if [ "$tool" = memory ]; then streams=${1:-2000}; shift || true; else streams=${1:-256}; seconds=${2:-10}; shift 2 || true; fi
+case $tool in
+  memory) streams=${1:-2000}; shift || true ;;
+  timeline) ;;
+  *) streams=${1:-256}; seconds=${2:-10}; shift 2 || true ;;
+esac
 
 exec 3< <(taskset -c 1 "$upstream_bin" --port 0)
 read -r _ upstream_port upstream_pid <&3
 port=$("$root/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 server=("$root/sse_server.py")
 [ "$tool" = memory ] && server=("$root/bench/traced.py" "$root/sse_server.py")
-TRACED_OUT=$out/allocations.txt taskset -c 0 "$root/.venv/bin/python" "${server[@]}" --port="$port" \
+[ "$tool" = timeline ] && server=("$root/bench/timeline.py" "$root/sse_server.py")
+TIMELINE_OUT=$out/timeline.txt TRACED_OUT=$out/allocations.txt taskset -c 0 "$root/.venv/bin/python" "${server[@]}" --port="$port" \
   --upstream-url="http://127.0.0.1:$upstream_port/v1" --log-level=warning "$@" > "$out/gateway.log" 2>&1 &
 gateway=$!
 trap 'kill $gateway $upstream_pid 2>/dev/null; wait $gateway 2>/dev/null' EXIT
@@ -59,5 +65,11 @@ case $tool in
     for _ in $(seq 600); do [ -s "$out/allocations.txt" ] && break; sleep 0.1; done
     wait $loading
     head -40 "$out/allocations.txt" ;;
+  timeline)
+    rm -f "$out/timeline.txt"
+    load --conns 1 --chunks 2 --interval-ms 20 --first-delay-ms 0 --warmup 0.5 --duration 5 --drain 1 > "$out/load.json" 2>/dev/null
+    kill -USR1 "$gateway"
+    for _ in $(seq 100); do [ -s "$out/timeline.txt" ] && break; sleep 0.1; done
+    cat "$out/timeline.txt" ;;
   *) echo "unknown tool $tool" >&2; exit 2 ;;
 esac
