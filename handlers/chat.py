@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import orjson
 
 from sse_gateway import logs
 from sse_gateway.chat import ChatRequest, parse_chat_request, with_system_prompt
 from sse_gateway.delivery import LogDelivery
 from sse_gateway.errors import GatewayError
 from sse_gateway.streams import parse_last_event_id
+from sse_gateway.upstream import load_upstream_json
 from sse_gateway.usage import UsageMeter
 
 from .base import JsonBodyHandler
@@ -83,7 +83,7 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         except GatewayError as error:
             services.metrics.upstream_errors.labels(error.code or "upstream_error").inc()
             raise
-        meter.see_completion(orjson.loads(body))
+        meter.see_completion(load_upstream_json(body))
         await meter.record()
         self.write_json(body)
 

@@ -10,10 +10,14 @@ from .base import ApiHandler
 
 
 class HealthHandler(ApiHandler):
-    """200 while this instance can serve: the shared store (Redis) answers; 503 otherwise."""
+    """200 while this instance can serve: the shared store (Redis) answers; 503 otherwise.
+    `HEAD` answers the same without a body, for probes that send it."""
 
-    public_methods = frozenset({"GET"})
+    public_methods = frozenset({"GET", "HEAD"})
     counts_as_work = False
+
+    async def head(self) -> None:
+        await self.get()
 
     async def get(self) -> None:
         if self.services.draining:

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 
-from .errors import GatewayError, bad_request
+from .errors import GatewayError, bad_request, load_json_body
 
 __all__ = ["ChatRequest", "parse_chat_request"]
 
@@ -143,10 +142,7 @@ def parse_chat_request(body: bytes, *, force_stream: bool = False, caps: Request
     """
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    payload = load_json_body(body)
     if not isinstance(payload, dict):
         raise bad_request(f"The request body must be a JSON object, not {_type_name(payload)}.", code="invalid_json")
     if force_stream:

@@ -54,6 +54,27 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return GatewayError(400, message, param=param, code=code)
 
 
+MAX_JSON_DEPTH = 128  # arrays and objects within each other in a request body (orjson writes 254 at most)
+
+
+def load_json_body(body: bytes) -> Any:
+    """A request body as JSON; a 400 for what is not JSON, or nests deeper than MAX_JSON_DEPTH
+    (which the gateway could parse but never write on to the upstream or the store)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    level: list[Any] = [value]
+    for _depth in range(MAX_JSON_DEPTH):
+        level = [child for item in level
+                 for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return value
+    raise bad_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} deep.",
+                      code="invalid_json")
+
+
 def server_error() -> GatewayError:
     """What a client sees for a bug of ours: no details, no traceback."""
     return GatewayError(500, "The gateway failed to handle the request.", type="server_error", code="internal_error")

@@ -25,7 +25,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,6 +38,8 @@ log = logging.getLogger("sse_gateway.mock")
 
 MODELS = ("mock-echo", "mock-count")
 DEFAULT_COUNT = 16
+MAX_COUNT = 100_000  # tokens mock-count generates at most, whatever max_tokens says (then: "length")
+YIELD_EVERY = 64  # frames written without a delay between them before the loop gets a turn
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
 T = TypeVar("T")
 
@@ -72,8 +74,17 @@ def _last_user_text(messages: list[Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):  # content parts: keep the text ones
-                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text", ""), str))
     return ""
+
+
+def _check_content_parts(messages: Any) -> None:
+    """What the model reads of content parts must be text (as OpenAI answers: a 400)."""
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and "text" in part and not isinstance(part["text"], str):
+                raise ValueError("Invalid type for 'messages[].content[].text': expected a string.")
 
 
 def _error(status: int, message: str, type: str, code: str | None, headers: dict[str, str] | None = None) -> web.Response:
@@ -91,9 +102,9 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
 class _Answer:
     """One answer of the mock model, as a `chat.completion` or as streamed chunks."""
 
-    def __init__(self, model: str, pieces: list[str], messages: list[Any]) -> None:
+    def __init__(self, model: str, pieces: Sequence[str], messages: list[Any]) -> None:
         self.model = model
-        self.pieces = pieces
+        self.pieces = pieces  # a list, or a range-like sequence that makes each piece when asked
         self.finish_reason = "length" if model == "mock-count" else "stop"
         self.id = "chatcmpl-mock" + secrets.token_hex(8)
         self.created = int(time.time())
@@ -109,20 +120,38 @@ class _Answer:
         choice = {"index": 0, "message": message, "finish_reason": self.finish_reason}
         return self._object("chat.completion", [choice], usage=self.usage)
 
-    def frames(self, include_usage: bool) -> list[bytes]:
-        """The SSE frames of the stream, as OpenAI sends them: role, words, finish, [usage], [DONE]."""
+    def frames(self, include_usage: bool) -> Iterator[bytes]:
+        """The SSE frames of the stream, as OpenAI sends them: role, words, finish, [usage], [DONE];
+        each made when it is due, so that a long answer holds no memory ahead of its sending."""
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             return b"data: " + self._object("chat.completion.chunk", [choice]) + b"\n\n"
 
-        frames = [chunk({"role": "assistant", "content": ""})]
-        frames += [chunk({"content": piece}) for piece in self.pieces]
-        frames.append(chunk({}, self.finish_reason))
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in self.pieces:
+            yield chunk({"content": piece})
+        yield chunk({}, self.finish_reason)
         if include_usage:
-            frames.append(b"data: " + self._object("chat.completion.chunk", [], usage=self.usage) + b"\n\n")
-        frames.append(b"data: [DONE]\n\n")
-        return frames
+            yield b"data: " + self._object("chat.completion.chunk", [], usage=self.usage) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+
+class _Counting(Sequence[str]):
+    """mock-count's pieces, "0 ", "1 ", ...: made when asked, not held."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [f"{i} " for i in range(self.count)[index]]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return f"{index % self.count} "
 
 
 class MockModel:
@@ -227,6 +256,7 @@ class MockModel:
             head_delay = _number(body, "mock_head_delay", 0)
             first_delay = _number(body, "mock_first_token_delay", 0)
             token_delay = _number(body, "mock_token_delay", self.token_delay)
+            _check_content_parts(body.get("messages"))
             fail_after = body.get("mock_fail_after")
             if fail_after is not None and (isinstance(fail_after, bool) or not isinstance(fail_after, int)):
                 raise ValueError("mock_fail_after must be an integer")
@@ -263,15 +293,17 @@ class MockModel:
             delay = first_delay if index == 0 else token_delay
             if delay:
                 await asyncio.sleep(delay)
+            elif index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a long burst must not hold the loop: the gateway may share it
             await response.write(data)
             record.chunks_sent += 1
         await response.write_eof()
         return response
 
-    def _pieces(self, model: str, body: dict[str, Any]) -> list[str]:
+    def _pieces(self, model: str, body: dict[str, Any]) -> Sequence[str]:
         if model == "mock-count":
             count = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_COUNT
-            return [f"{i} " for i in range(int(count))]
+            return _Counting(min(int(count), MAX_COUNT))
         return split_words(_last_user_text(body.get("messages") or []))
 
 

@@ -28,7 +28,7 @@ from .frames import DONE_DATA, encode_event
 from .metrics import Metrics
 from .store import StoreUnavailable, StreamLogs, StreamState
 from .upstream import ChatStream, Chunk, UpstreamClient, UpstreamError, timed_out
-from .usage import UsageMeter
+from .usage import UsageMeter, carries_content
 
 log = logging.getLogger("sse_gateway.producer")
 
@@ -80,7 +80,7 @@ class Producer:
 
     __slots__ = (
         "stream_id", "_id", "_logs", "_upstream", "_request", "_policy", "_meter", "_metrics", "_deadlines",
-        "_on_end", "_task", "_body", "_seq", "_began", "_last", "_lifetime_at", "_ending", "_loop", "started",
+        "_on_end", "_task", "_body", "_seq", "_first_token", "_began", "_last", "_lifetime_at", "_ending", "_loop", "started",
         "ended", "recording", "deadline_at",
     )
 
@@ -100,6 +100,7 @@ class Producer:
         self._task: asyncio.Task[None] | None = None
         self._body: ChatStream | None = None
         self._seq = 0
+        self._first_token = False
         self._began = self._last = 0.0
         self._lifetime_at = math.inf
         self.deadline_at = math.inf
@@ -176,10 +177,11 @@ class Producer:
 
     def _append(self, chunks: list[Chunk], now: float) -> None:
         metrics = self._metrics
-        if self._seq == 0:
-            metrics.time_to_first_token.observe(now - self._began)
-        else:
+        if self._first_token:
             metrics.token_gap.observe(now - self._last)
+        elif any(carries_content(payload, obj) for payload, obj in chunks):
+            self._first_token = True  # the first content: not the role chunk that comes before it
+            metrics.time_to_first_token.observe(now - self._began)
         self._last = now
         meter = self._meter
         room = self._policy.max_events - 2 - self._seq  # keep room for the error frame and [DONE]

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from .delivery import Delivery
-from .errors import bad_request
+from .errors import bad_request, load_json_body
 from .frames import encode_event
 from .store import UserChannels
 
@@ -34,7 +34,8 @@ class PushPolicy:
 
 
 def parse_message_id(value: str) -> str:
-    if not _MESSAGE_ID.fullmatch(value):
+    # Both parts are 64-bit unsigned integers in Redis Streams; a larger one is malformed on every store.
+    if not _MESSAGE_ID.fullmatch(value) or any(int(part) >= 1 << 64 for part in value.split("-")):
         raise bad_request("Last-Event-ID is malformed; expected a message id like 1700000000000-0.",
                           param="Last-Event-ID", code="invalid_last_event_id")
     return value
@@ -42,10 +43,7 @@ def parse_message_id(value: str) -> str:
 
 def parse_publish(body: bytes) -> tuple[str, str, bytes]:
     """(user, event name, compact JSON data) from a publish request; 400 naming the bad field."""
-    try:
-        payload: Any = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    payload: Any = load_json_body(body)
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     user = payload.get("user")

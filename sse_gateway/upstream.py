@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -81,11 +82,25 @@ def _retry_after(value: str | None) -> int:
     return 1
 
 
+def load_upstream_json(data: bytes) -> Any:
+    """JSON from the upstream, as leniently as its clients read it: orjson, and where orjson
+    refuses what Python's json and the browser's JSON.parse accept (a lone surrogate escape such
+    as "\\ud83d", from an upstream that cut a string between two UTF-16 units), Python's json.
+    The bytes themselves are relayed as they came. Raises ValueError for what is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 def _error_fields(body: bytes) -> dict[str, Any]:
     """The `error` object of an OpenAI-style error body, or {} when there is none."""
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        parsed = load_upstream_json(body)
+    except ValueError:
         return {}
     error = parsed.get("error") if isinstance(parsed, dict) else None
     return error if isinstance(error, dict) else {}
@@ -164,8 +179,8 @@ def _has_finish_reason(obj: dict[str, Any]) -> bool:
 
 def _parse(payload: bytes) -> dict[str, Any]:
     try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+        obj = load_upstream_json(payload)
+    except ValueError:
         raise malformed("a chunk that is not JSON") from None
     if not isinstance(obj, dict):
         raise malformed("a chunk that is not a JSON object")
@@ -411,8 +426,8 @@ class UpstreamClient:
         if len(body) > MAX_JSON_BODY:
             raise malformed("a response larger than the gateway accepts")
         try:
-            orjson.loads(body)
-        except orjson.JSONDecodeError:
+            load_upstream_json(body)
+        except ValueError:
             raise malformed("a response that is not JSON") from None
         return body
 

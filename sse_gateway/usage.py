@@ -278,6 +278,16 @@ def report(user: str, rows: list[UsageRow]) -> dict[str, Any]:
     return {"object": "usage", "user": user, "data": data, "total": total}
 
 
+def carries_content(payload: bytes, chunk: dict[str, Any] | None) -> bool:
+    """Whether a streamed chunk has a non-empty content delta: from its parsed JSON when it was
+    parsed (`chunk`), else from its bytes (compact JSON, which is what was left unparsed)."""
+    if chunk is None:
+        return _CONTENT in payload and _NO_CONTENT not in payload
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and isinstance(c.get("delta"), dict) and bool(c["delta"].get("content")) for c in choices)
+
+
 class UsageMeter:
     """What one request consumed: the upstream's figures when it gives them, else an estimate.
 
@@ -303,17 +313,14 @@ class UsageMeter:
     def see(self, payload: bytes, chunk: dict[str, Any] | None) -> bool:
         """Note a streamed chunk (`chunk` is its parsed JSON when it was parsed); False when it
         is a usage chunk this client did not ask for."""
-        if chunk is None:  # nothing but content or tool deltas: count content chunks on the bytes
-            if _CONTENT in payload and _NO_CONTENT not in payload:
-                self.content_chunks += 1
+        if carries_content(payload, chunk):
+            self.content_chunks += 1
+        if chunk is None:  # nothing but content or tool deltas
             return True
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.reported = usage
-        choices = chunk.get("choices") or []
-        if any(isinstance(c, dict) and isinstance(c.get("delta"), dict) and c["delta"].get("content") for c in choices):
-            self.content_chunks += 1
-        return self.client_wants_usage or not (isinstance(usage, dict) and not choices)
+        return self.client_wants_usage or not (isinstance(usage, dict) and not chunk.get("choices"))
 
     def see_completion(self, completion: dict[str, Any]) -> None:
         """Note a whole (non-streamed) completion."""

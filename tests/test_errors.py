@@ -61,6 +61,30 @@ async def test_bad_bodies_get_400(gateway, http, mock_model, body, param, code):
     assert not mock_model.requests  # nothing reached the model
 
 
+async def test_json_nested_deeper_than_the_gateway_writes_gets_400_everywhere(start_gateway, http, mock_model, caplog):
+    """300 levels parse, but could never be written on (orjson writes 254): a 400, not a 500."""
+    gateway = start_gateway(admin_keys=("admin-key",))
+    deep = "[" * 300 + "]" * 300
+    chat = '{"model": "mock-echo", "messages": [{"role": "user", "content": "x"}], "metadata_x": %s}' % deep
+    requests = [
+        ("/v1/chat/completions", chat.replace("{", '{"stream": true, ', 1), {}),
+        ("/v1/chat/completions", chat, {}),
+        ("/v1/streams", chat, {}),
+        ("/v1/events", '{"user": "alice", "data": %s}' % deep, {"Authorization": "Bearer admin-key"}),
+    ]
+    for path, body, headers in requests:
+        response = await http.post(f"{gateway.url}{path}", data=body.encode(),
+                                   headers={"Content-Type": "application/json", **headers})
+        assert (await error_of(response, 400))["code"] == "invalid_json", path
+    assert not mock_model.requests
+    assert "Traceback" not in caplog.text
+    # As deep as the gateway allows is fine.
+    allowed = '{"user": "alice", "data": %s}' % ("[" * 127 + "]" * 127)
+    response = await http.post(f"{gateway.url}/v1/events", data=allowed.encode(),
+                               headers={"Content-Type": "application/json", "Authorization": "Bearer admin-key"})
+    assert response.status == 202, await response.text()
+
+
 async def test_body_over_the_limit_gets_413(start_gateway, http, mock_model):
     gateway = start_gateway(max_body_size=1000)
     big = chat_body("x" * 2000)
@@ -139,7 +163,7 @@ async def test_unknown_route_gets_404(start_gateway, http, method, path):
         ("GET", "/v1/chat/completions", "POST, OPTIONS"),
         ("PUT", "/v1/chat/completions", "POST, OPTIONS"),
         ("DELETE", "/v1/models", "GET, OPTIONS"),
-        ("POST", "/healthz", "GET, OPTIONS"),
+        ("POST", "/healthz", "GET, HEAD, OPTIONS"),
     ],
 )
 async def test_wrong_method_gets_405_even_without_a_key(start_gateway, http, method, path, allow):
@@ -153,6 +177,8 @@ async def test_healthz_is_public(start_gateway, http):
     gateway = start_gateway(api_keys=KEYS)
     response = await http.get(f"{gateway.url}/healthz")
     assert response.status == 200 and (await response.json()) == {"status": "ok"}
+    response = await http.head(f"{gateway.url}/healthz")
+    assert response.status == 200 and await response.read() == b""
 
 
 async def test_the_chat_page_and_its_assets_are_served(start_gateway, http, built_page):

@@ -31,6 +31,16 @@ def moved(before: dict, after: dict, name: str, **labels: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+async def test_time_to_first_token_counts_the_first_content_not_the_role_chunk(gateway, http):
+    before = await scrape(http, gateway)
+    # The mock sends the role chunk at once and the first word 0.4 s later.
+    await stream_chat(http, gateway.url, chat_body("late words", mock_first_token_delay=0, mock_token_delay=0.4))
+    await gateway.services.streams.wait_idle(5)
+    after = await scrape(http, gateway)
+    assert moved(before, after, "sse_time_to_first_token_seconds_count") == 1
+    assert moved(before, after, "sse_time_to_first_token_seconds_sum") >= 0.4
+
+
 async def test_metrics_parse_and_move_as_the_gateway_works(start_gateway, http, closed_port):
     gateway = start_gateway(heartbeat_interval=0.2, requests_per_minute=4)
     before = await scrape(http, gateway)

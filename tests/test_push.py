@@ -191,7 +191,8 @@ class TestBadInput:
         response = await http.post(f"{gateway.url}/v1/events", data=body, headers=ADMIN)
         assert (await error_of(response, 400))["param"] == param
 
-    @pytest.mark.parametrize("last_id", ["x", "1-", "-1", "12:3", "1-2-3"])
+    @pytest.mark.parametrize("last_id", ["x", "1-", "-1", "12:3", "1-2-3", "0-99999999999999999999",
+                                         "18446744073709551616-0", "123456789012345678901-0"])
     async def test_malformed_last_event_id(self, gateway, http, last_id):
         response = await http.get(f"{gateway.url}/v1/events", headers={**ALICE, "Last-Event-ID": last_id})
         assert (await error_of(response, 400))["code"] == "invalid_last_event_id"

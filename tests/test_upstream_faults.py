@@ -239,3 +239,29 @@ async def test_a_whole_answer_in_one_read_while_the_store_is_behind(start_gatewa
         assert len(reader.events) == len(pieces) + 2  # each piece, the finish reason, [DONE]
     finally:
         upstream.close()
+
+
+async def test_a_lone_surrogate_escape_is_relayed_untouched(start_gateway, http, scripted_upstream):
+    """What Python's json and JSON.parse accept, orjson refuses: such a chunk still passes as it
+    came, whether the gateway reads it (a finish reason, spaces after colons) or not."""
+    chunks = [
+        b'{"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "a \\ud83d"}, "finish_reason": null}]}',
+        b'{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"\\ude00 b"},"finish_reason":"stop"}]}',
+    ]
+
+    async def handler(request):
+        return await sse_response(request, [b"data: " + c + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"])
+
+    gateway = start_gateway(upstream_url=await scripted_upstream(handler))
+    _response, reader = await stream_chat(http, gateway.url, chat_body())
+    assert [event.data for event in reader.events] == [c.decode() for c in chunks] + ["[DONE]"]
+
+    async def complete(request):
+        return web.Response(body=b'{"object": "chat.completion", "choices": [{"index": 0, "message": '
+                                 b'{"role": "assistant", "content": "\\ud83d"}, "finish_reason": "stop"}]}',
+                            content_type="application/json")
+
+    gateway = start_gateway(upstream_url=await scripted_upstream(complete))
+    response = await http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(stream=False))
+    assert response.status == 200
+    assert b'"content": "\\ud83d"' in await response.read()
