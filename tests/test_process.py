@@ -44,7 +44,7 @@ async def test_gateway_and_mock_model_as_separate_programs(programs, http):
 
 async def test_embedded_mock_is_the_default(programs, http):
     server, url = await start_server(programs, "--mock-token-delay=0")
-    assert any("OPEN DEV MODE" in line for line in server.lines)
+    await server.wait_for_line("OPEN DEV MODE")  # logged just after the listening line
     models = await (await http.get(f"{url}/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["mock-echo", "mock-count"]
     _response, reader = await stream_chat(http, url, chat_body("no key, no other server"))
