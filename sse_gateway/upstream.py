@@ -21,6 +21,7 @@ import email.utils
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -80,6 +81,20 @@ def _retry_after(value: str | None) -> int:
         except (TypeError, ValueError):
             pass
     return 1
+
+
+REDACTED = b"[redacted]"
+_BEARER = re.compile(rb"(?i)(bearer\s+)[^\s\"',;\\]+")
+
+
+def redact(data: bytes, secret: bytes | None) -> bytes:
+    """The upstream's bytes without the gateway's key to it, nor any bearer credential it quotes
+    (an upstream's error text may echo the request's Authorization header)."""
+    if secret and secret in data:
+        data = data.replace(secret, REDACTED)
+    if b"earer" in data:
+        data = _BEARER.sub(rb"\1" + REDACTED, data)
+    return data
 
 
 def load_upstream_json(data: bytes) -> Any:
@@ -243,10 +258,11 @@ class ChatStream:
     """
 
     __slots__ = ("_response", "_content", "_protocol", "_events", "_saw_finish_reason", "_reading",
-                 "ended", "failure", "last_data")
+                 "_secret", "ended", "failure", "last_data")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, secret: bytes | None = None) -> None:
         self._response = response
+        self._secret = secret  # the gateway's key to the upstream: never relayed, should it echo it
         self._content = response.content
         _release_head(response)
         # None when the whole body came with the head: aiohttp has released the connection.
@@ -289,6 +305,7 @@ class ChatStream:
             data, failure = b"", dropped()
         chunks: list[Chunk] = []
         done = False
+        secret = self._secret
         if data:
             self.last_data = time.monotonic()
             try:
@@ -296,6 +313,8 @@ class ChatStream:
                     if payload == b"[DONE]":
                         done = True
                         break
+                    if secret is not None and secret in payload:
+                        payload = redact(payload, secret)
                     obj = None
                     if event is not None or _needs_reading(payload):
                         obj = _parse(payload)
@@ -353,6 +372,7 @@ class UpstreamClient:
     ) -> None:
         self._base_url = base_url
         self._api_key = api_key
+        self._secret = api_key.encode() if api_key else None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout, sock_read=idle_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -401,7 +421,7 @@ class UpstreamClient:
                 error_body = b""
             finally:
                 response.close()
-            error = status_error(response.status, error_body, response.headers.get("Retry-After"))
+            error = status_error(response.status, redact(error_body, self._secret), response.headers.get("Retry-After"))
             log.warning("upstream answered %d -> %d %s", response.status, error.status, error.code)
             raise error
         return response
@@ -412,7 +432,7 @@ class UpstreamClient:
         if response.content_type != "text/event-stream":
             response.close()
             raise malformed(f"{response.content_type or 'no content type'} where an event stream was expected")
-        return ChatStream(response)
+        return ChatStream(response, self._secret)
 
     async def _read_json(self, response: aiohttp.ClientResponse) -> bytes:
         try:
@@ -425,6 +445,7 @@ class UpstreamClient:
             response.close()
         if len(body) > MAX_JSON_BODY:
             raise malformed("a response larger than the gateway accepts")
+        body = redact(body, self._secret)
         try:
             load_upstream_json(body)
         except ValueError:

@@ -265,3 +265,41 @@ async def test_a_lone_surrogate_escape_is_relayed_untouched(start_gateway, http,
     response = await http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(stream=False))
     assert response.status == 200
     assert b'"content": "\\ud83d"' in await response.read()
+
+
+async def test_an_upstream_that_echoes_the_key_never_passes_it_on(start_gateway, http, scripted_upstream, caplog):
+    """Error texts, stream chunks, completions and the model list of an upstream that quotes the
+    request's Authorization header reach neither the client nor the log with the key in them."""
+    caplog.set_level(logging.DEBUG)
+
+    def echo(request) -> str:
+        return f"you sent {request.headers['Authorization']} (key {UPSTREAM_KEY})"
+
+    async def chat(request):
+        body = await request.json()
+        if body.get("mock_error_status"):
+            return web.json_response({"error": {"message": echo(request), "type": "invalid_request_error"}}, status=400)
+        if not body.get("stream"):
+            return web.json_response({"object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": echo(request)}, "finish_reason": "stop"}]})
+        error = b"data: " + orjson.dumps({"error": {"message": echo(request), "type": "server_error"}}) + b"\n\n"
+        return await sse_response(request, [chunk(echo(request)), error])
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": echo(request), "object": "model"}]})
+
+    gateway = start_gateway(upstream_url=await scripted_upstream(chat, models), upstream_api_key=UPSTREAM_KEY)
+    seen = []
+    _response, reader = await stream_chat(http, gateway.url, chat_body())
+    seen.append(reader.raw.decode())
+    assert "[redacted]" in content_of(reader.events) and error_frame(reader)["message"].count("[redacted]") == 2
+    for response in (await http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(stream=False)),
+                     await http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(mock_error_status=400)),
+                     await http.get(f"{gateway.url}/v1/models")):
+        text = await response.text()
+        assert "[redacted]" in text, text
+        seen.append(text)
+    await gateway.services.streams.wait_idle(5)
+    secret = UPSTREAM_KEY.removeprefix("sk-")
+    assert not any(secret in text for text in seen)
+    assert secret not in caplog.text
