@@ -297,12 +297,15 @@ class ChatStream:
 
     def _read(self) -> list[Chunk]:
         failure: UpstreamError | None = None
+        content = self._content
         try:
-            data = self._content.read_nowait(-1)
+            data = content.read_nowait(-1)
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            data, failure = b"", timed_out()
+            data, failure = content._read_nowait(-1), timed_out()
         except aiohttp.ClientError:
-            data, failure = b"", dropped()
+            # What came before the connection broke is part of the answer: it goes out ahead of
+            # the error (aiohttp's public read raises at once, dropping what it holds).
+            data, failure = content._read_nowait(-1), dropped()
         chunks: list[Chunk] = []
         done = False
         secret = self._secret

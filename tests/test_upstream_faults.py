@@ -120,8 +120,10 @@ async def test_silence_between_chunks_is_an_error_frame(start_gateway, http):
     assert len(reader.events) == 3  # the role chunk, then the error, then [DONE]
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("fail_after", [1, 3])
 async def test_drop_after_n_chunks_is_an_error_frame(gateway, http, fail_after):
+    """The chunks that came before the reset are all relayed, on both stores."""
     body = chat_body("one two three four five six", mock_fail_after=fail_after)
     response, reader = await stream_chat(http, gateway.url, body)
     assert response.status == 200
