@@ -72,6 +72,9 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
 
     async def _complete(self, request: ChatRequest) -> None:
         services = self.services
+        # As for a stream: no answer the gateway could not account for (the store keeps usage
+        # and limits, and a 503 tells the client to come back, as a streamed request's does).
+        await services.store.ping()
         meter = UsageMeter(services.usage, services.prices, self.user, request.model, request.payload["messages"])
         # As a task, so that a client that hangs up cancels the upstream request too.
         self._answer = asyncio.ensure_future(services.upstream.chat(request.payload))

@@ -58,6 +58,7 @@ class Settings:
     policy: Mapping[str, Any] | None = None
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     usage_db: str = "usage.sqlite3"
+    usage_spill: str = ""  # unset: next to --usage-db
     max_connections: int = 10_000
     max_stream_lifetime: float = 3600.0
     max_messages: int = 1000
@@ -68,6 +69,11 @@ class Settings:
     retry_ms: int = 3000
     log_level: str = "info"
     log_format: str = "text"
+
+    @property
+    def usage_spill_path(self) -> str:
+        """Where usage that could not be written at shutdown waits for the next start."""
+        return self.usage_spill or f"{self.usage_db}.unwritten"
 
 
 def _read_secret(value: str) -> str:
@@ -244,6 +250,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "policy": (_json_file(parse_policy_document), "JSON file of per-user limits and models, per-model system prompts"),
     "prices": (_json_file(parse_prices), 'JSON file of USD per million tokens: {"model": {"prompt": 2.5, "completion": 10}}'),
     "usage-db": (str, "SQLite file that keeps usage (without --redis-url)"),
+    "usage-spill": (str, "file for usage that could not be written at shutdown, written at the next start; unset: <usage-db>.unwritten"),
     "max-connections": (_number(int, minimum=1), "requests served at once; more get 503"),
     "max-stream-lifetime": (_number(float, minimum=0, exclusive=True), "seconds one answer may stream at most"),
     "max-messages": (_number(int, minimum=1), "messages one chat request may carry"),

@@ -268,6 +268,8 @@ class Producer:
         """Write the end of the stream; while the store is away, keep trying for a while, so that
         readers who resume once it is back find an ended stream rather than one forever running."""
         try:
+            if self._meter is not None and started:  # first: it needs no store, and must not wait for one
+                await self._meter.record(ended_early)
             deadline = self._loop.time() + END_RETRY_SECONDS
             while True:
                 try:
@@ -278,8 +280,6 @@ class Producer:
                         log.error("stream %s: its end could not be recorded; the store stayed away", self.stream_id)
                         break
                     await asyncio.sleep(END_RETRY_INTERVAL)
-            if self._meter is not None and started:
-                await self._meter.record(ended_early)
         except asyncio.CancelledError:  # shutdown, while the store is away
             log.error("stream %s: its end could not be recorded before the shutdown", self.stream_id)
             raise

@@ -80,9 +80,9 @@ class Services:
         if settings.redis_url:
             from .usage import RedisUsageBook  # only deployments with Redis need redis-py loaded
 
-            usage = RedisUsageBook(store.client)  # type: ignore[attr-defined]
+            usage = RedisUsageBook(store.client, spill=settings.usage_spill_path)  # type: ignore[attr-defined]
         else:
-            usage = SqliteUsageBook(settings.usage_db)
+            usage = SqliteUsageBook(settings.usage_db, spill=settings.usage_spill_path)
         log_policy = LogPolicy(retention=settings.stream_retention, max_events=settings.stream_max_events,
                                max_lifetime=settings.max_stream_lifetime, idle_timeout=settings.upstream_idle_timeout)
         idempotency = IdempotencyKeys(store.keys, ttl=settings.stream_retention + IDEMPOTENCY_MARGIN)
@@ -133,7 +133,7 @@ class Services:
             response.close()
         self.deadlines.close()
         await self.upstream.close()
+        await self.usage.close()  # while the store's connections are still open
         await self.store.close()
-        await self.usage.close()
         if self.mock is not None:
             await self.mock.close()

@@ -21,9 +21,11 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
 __all__ = ["Prices", "UsageBook", "SqliteUsageBook", "RedisUsageBook", "UsageMeter", "UsageRow", "report", "today"]
 
@@ -32,6 +34,7 @@ log = logging.getLogger("sse_gateway.usage")
 NANOS = 1_000_000_000
 _CONTENT, _NO_CONTENT = b'"content":"', b'"content":""'  # a chunk with a non-empty content delta
 WRITE_DELAY = 0.5  # seconds the writer gathers additions into one batch
+CLOSE_TIMEOUT = 3.0  # seconds close() gives the database before what is pending is spilled
 RETRY_SECONDS = 1.0  # between attempts to write usage while the database is away
 
 
@@ -79,6 +82,7 @@ class UsageRow:
 
 
 _Key = tuple[str, str, str, str]  # user, date, model, reason
+_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "cost_nanos")
 
 
 def _merged(rows: Iterable[UsageRow], extra: Iterable[UsageRow]) -> list[UsageRow]:
@@ -97,19 +101,48 @@ class UsageBook(abc.ABC):
     batches, WRITE_DELAY after the first addition and with one batch in flight (what comes
     meanwhile goes in the next), so no stream ever waits for a disk, and the write of a stream
     that just ended does not compete with the request that comes right after it. Reads include
-    what is not written yet; close() writes the rest at once. A crash loses at most what was
-    added in the last WRITE_DELAY and the batch in flight.
+    what is not written yet. While the database is away, the writer tries again every
+    RETRY_SECONDS and logs one line when it goes and one when it is back.
+
+    close() gives what is pending CLOSE_TIMEOUT to be written; what still is not goes to the
+    `spill` file, which the next start reads back and writes: an outage and a restart lose no
+    usage. A crash loses what was added in the last WRITE_DELAY and the batch in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spill: str | None = None) -> None:
         self._pending: dict[_Key, UsageRow] = {}
         self._writer: asyncio.Task[None] | None = None
         self._sleeping = False  # the writer waits: for more to add to its batch, or to try again
+        self._failing = False  # the last write failed (logged once, until one succeeds)
+        self._spill = Path(spill) if spill else None
+        self._spilled = self._read_spill()  # rows from the last run are pending: the file goes once written
+        if self._spilled:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # written with the first addition
+            self._start_writer()
 
-    async def add(self, user: str, row: UsageRow) -> None:
-        key = (user, row.date, row.model, row.reason)
+    def _read_spill(self) -> bool:
+        if self._spill is None or not self._spill.exists():
+            return False
+        rows = 0
+        for line in self._spill.read_text().splitlines():
+            user, date, model, reason, *numbers = orjson.loads(line)
+            self._merge((user, date, model, reason), UsageRow(date, model, reason, *numbers))
+            rows += 1
+        log.info("usage: %d rows left unwritten by the last run read back from %s", rows, self._spill)
+        return True
+
+    def _merge(self, key: _Key, row: UsageRow) -> None:
         before = self._pending.get(key)
         self._pending[key] = _merged([before], [row])[0] if before else row
+
+    async def add(self, user: str, row: UsageRow) -> None:
+        self._merge((user, row.date, row.model, row.reason), row)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_pending())
 
@@ -120,14 +153,28 @@ class UsageBook(abc.ABC):
                 batch, self._pending = self._pending, {}
                 try:
                     await self._write(batch)
-                except Exception:
-                    log.exception("usage could not be written; keeping it to try again")
+                except BaseException as exc:
                     for key, row in batch.items():  # put it back, merged with what came meanwhile
-                        later = self._pending.get(key)
-                        self._pending[key] = _merged([row], [later])[0] if later else row
+                        self._merge(key, row)
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled (at close): what was in flight is pending again
+                    if not self._failing:
+                        self._failing = True
+                        log.warning("usage cannot be written (%s); kept in memory, trying again every %gs",
+                                    exc.__class__.__name__, RETRY_SECONDS)
                     await self._sleep(RETRY_SECONDS)
+                    continue
+                self._written()
         finally:
             self._writer = None
+
+    def _written(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("usage is written again")
+        if self._spilled and self._spill is not None:
+            self._spilled = False
+            self._spill.unlink(missing_ok=True)  # its rows were in what was just written
 
     async def _sleep(self, seconds: float) -> None:
         self._sleeping = True
@@ -152,18 +199,30 @@ class UsageBook(abc.ABC):
         return sum(r.prompt_tokens + r.completion_tokens for r in await self.rows(user) if r.date == date)
 
     async def close(self) -> None:
-        """Write what is pending, then release the database."""
-        if self._writer is not None:
-            if self._sleeping:  # no more to wait for: what is pending gets one last try below
-                self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        """Write what is pending, within CLOSE_TIMEOUT; spill what cannot be; release the database."""
+        writer = self._writer
+        if writer is not None:
+            if not self._sleeping:  # a write in flight: let it finish, for a while
+                await asyncio.wait([writer], timeout=CLOSE_TIMEOUT)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
         if self._pending:
             try:
-                await self._write(self._pending)
+                await asyncio.wait_for(self._write(self._pending), CLOSE_TIMEOUT)
                 self._pending = {}
-            except Exception:
-                log.exception("usage lost at shutdown: %s", list(self._pending.values()))
+                self._written()
+            except Exception as exc:
+                self._spill_pending(exc)
         await self._close()
+
+    def _spill_pending(self, exc: BaseException) -> None:
+        if self._spill is None:
+            log.error("usage lost at shutdown (%s): %s", exc.__class__.__name__, list(self._pending.values()))
+            return
+        lines = [orjson.dumps([*key, *(getattr(row, f) for f in _NUMBERS)]) for key, row in self._pending.items()]
+        self._spill.write_bytes(b"\n".join(lines) + b"\n")  # all of it: what was read back is pending too
+        log.warning("usage could not be written at shutdown (%s): %d rows kept in %s for the next start",
+                    exc.__class__.__name__, len(lines), self._spill)
 
     async def _close(self) -> None:  # noqa: B027 (optional)
         """Release the database."""
@@ -172,8 +231,8 @@ class UsageBook(abc.ABC):
 class SqliteUsageBook(UsageBook):
     """One SQLite file; survives restarts. aiosqlite keeps the blocking calls off the loop."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
+    def __init__(self, path: str, spill: str | None = None) -> None:
+        super().__init__(spill)
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._opening = asyncio.Lock()
@@ -227,8 +286,8 @@ class RedisUsageBook(UsageBook):
 
     _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_nanos")
 
-    def __init__(self, client: Any, prefix: str = "sse:") -> None:
-        super().__init__()
+    def __init__(self, client: Any, prefix: str = "sse:", spill: str | None = None) -> None:
+        super().__init__(spill)
         self._client = client
         self._prefix = prefix
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import pytest
 from conftest import RedisServer
@@ -79,6 +80,7 @@ async def test_503_while_redis_is_away_and_recovery_without_a_restart(gateway, c
     crashable_redis.kill()
     for method, path, body in [
         ("POST", "/v1/chat/completions", chat_body()),
+        ("POST", "/v1/chat/completions", chat_body(stream=False)),
         ("POST", "/v1/streams", chat_body()),
         ("POST", "/v1/events", {"user": "alice", "data": 1}),
         ("GET", "/v1/events", None),
@@ -146,3 +148,43 @@ async def test_a_stream_cut_by_the_crash_can_be_resumed_after_it(gateway, crasha
     received = events[:-2] + rest[:-2]
     assert [e.id for e in received] == [f"{stream_id}:{i}" for i in range(1, len(received) + 1)]
     assert text.startswith(content_of(received)) and seen == events[:5]
+
+
+async def test_shutdown_without_redis_is_bounded_and_the_usage_waits_for_the_next_start(
+        programs, crashable_redis, http, tmp_path):
+    """SIGTERM while Redis is gone: the process exits within the drain timeout and a few seconds,
+    the usage it could not write goes to its spill file, and the next start writes it."""
+    from test_shutdown import start
+
+    spill = tmp_path / "usage.unwritten"
+    flags = (f"--redis-url={crashable_redis.url}", "--api-keys=key-alice:alice", "--drain-timeout=2",
+             f"--usage-spill={spill}")
+    server, url = await start(programs, *flags)
+    response = await http.post(f"{url}/v1/chat/completions", headers=ALICE,
+                               json=chat_body("a b c d e f g h", mock_token_delay=0.2))
+    reader = EventReader(response)
+    await reader.next_event()
+    crashable_redis.kill()  # the stream ends with an error frame, and its usage cannot be written
+    await reader.read_all()
+    assert error_code(reader.events[-2]) == "store_unavailable"
+    started = asyncio.get_running_loop().time()
+    assert await server.stop(signal.SIGTERM, timeout=20) == 0
+    assert asyncio.get_running_loop().time() - started < 2 + 8  # --drain-timeout, and the usage's last try
+    assert not any("Traceback" in line for line in server.lines)
+    assert spill.exists(), "\n".join(server.lines)
+    user, _date, model, reason, requests, *_ = json.loads(spill.read_text().splitlines()[0])
+    assert (user, model, requests) == ("alice", "mock-echo", 1) and reason
+
+    crashable_redis.start()
+    server, url = await start(programs, *flags)
+    await server.wait_for_line("read back from")
+    usage = await (await http.get(f"{url}/v1/usage", headers=ALICE)).json()
+    assert [(row["requests"], row["estimated"]) for row in usage["data"]] == [(1, True)]
+    deadline = asyncio.get_running_loop().time() + 20
+    while spill.exists():  # removed once its rows are written to Redis
+        assert asyncio.get_running_loop().time() < deadline, "the spilled usage was never written"
+        await asyncio.sleep(0.1)
+    assert await server.stop() == 0
+    server, url = await start(programs, *flags)  # written once: read from Redis, not the file again
+    usage = await (await http.get(f"{url}/v1/usage", headers=ALICE)).json()
+    assert [row["requests"] for row in usage["data"]] == [1]

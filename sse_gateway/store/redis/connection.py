@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -44,6 +46,28 @@ def connect(url: str) -> Any:
     return aioredis.Redis(connection_pool=pool)
 
 
+class _OutageLog:
+    """One line per WARN_EVERY seconds while Redis is away, however many calls fail meanwhile."""
+
+    WARN_EVERY = 10.0
+
+    def __init__(self) -> None:
+        self._last = -math.inf
+        self._held = 0
+
+    def warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last < self.WARN_EVERY:
+            self._held += 1
+            return
+        more = f" ({self._held} more failed calls since the last line)" if self._held else ""
+        log.warning("redis unavailable: %s%s", exc.__class__.__name__, more)
+        self._last, self._held = now, 0
+
+
+_outage = _OutageLog()
+
+
 def guarded(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn a failure to reach Redis into StoreUnavailable (a 503 for the caller). An error
     reply is a bug of ours, not an outage, and is left to surface as one."""
@@ -53,7 +77,7 @@ def guarded(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
         try:
             return await method(*args, **kwargs)
         except UNREACHABLE as exc:
-            log.warning("redis unavailable: %s", exc.__class__.__name__)
+            _outage.warn(exc)
             raise StoreUnavailable() from None
 
     return call
