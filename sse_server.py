@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
+import math
 import os
 import secrets
 import signal
@@ -47,7 +49,6 @@ from sse_gateway.services import Services
 log = logging.getLogger("sse_gateway")
 
 HERE = Path(__file__).resolve().parent
-BODY_TIMEOUT = 60.0  # seconds a client may take to send a request body
 BACKLOG = 4096  # connections the kernel queues for us: a burst of reconnects waits there, not refused
 # Connections accepted per turn of the event loop: a burst of new requests is taken in slices,
 # so that the streams already running keep getting their frames on time in between. A turn takes
@@ -56,6 +57,9 @@ BACKLOG = 4096  # connections the kernel queues for us: a burst of reconnects wa
 ACCEPT_LEAST = 2
 ACCEPT_RATE = 1.0
 ACCEPT_MOST = 128
+ACCEPT_BACKOFF = 0.1  # seconds accepting pauses while the process is out of file descriptors
+OUT_OF_FILES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+OUT_OF_FILES_LOG_EVERY = 10.0  # seconds between log lines while out of file descriptors
 
 
 class GatewayApplication(tornado.web.Application):
@@ -102,14 +106,38 @@ def make_server(app: GatewayApplication) -> tornado.httpserver.HTTPServer:
     settings = app.services.settings
     # xheaders only behind a proxy that sets X-Forwarded-* itself: anyone could forge them.
     return tornado.httpserver.HTTPServer(
-        app, max_body_size=settings.max_body_size, body_timeout=BODY_TIMEOUT, xheaders=settings.trust_proxy
+        app, max_body_size=settings.max_body_size, xheaders=settings.trust_proxy,
+        idle_connection_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
     )
 
 
 def listen(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) -> Callable[[], None]:
     """Serve connections from `sockets`, a few per turn of the loop (see ACCEPT_RATE; Tornado's
-    own accept loop takes up to 128 at once); returns the function that stops listening."""
+    own accept loop takes up to 128 at once); returns the function that stops listening.
+
+    Out of file descriptors (EMFILE and the like), accepting pauses for ACCEPT_BACKOFF seconds
+    at a time (new connections wait in the kernel's backlog, running streams go on) with one
+    log line per OUT_OF_FILES_LOG_EVERY seconds, instead of a failed accept, and its traceback,
+    on every turn of the loop.
+    """
     io_loop = IOLoop.current()
+    stopped = False
+    out_of_files = {"logged": -math.inf, "pauses": 0}
+
+    def back_off(sock: socket.socket, handler: Callable[[int, int], None], exc: OSError) -> None:
+        io_loop.remove_handler(sock)
+        out_of_files["pauses"] += 1
+        now = time.monotonic()
+        if now - out_of_files["logged"] >= OUT_OF_FILES_LOG_EVERY:
+            log.warning("cannot accept connections: %s; pausing %gs at a time (%d pauses since the last line)",
+                        exc.strerror, ACCEPT_BACKOFF, out_of_files["pauses"])
+            out_of_files.update(logged=now, pauses=0)
+
+        def resume() -> None:
+            if not stopped:
+                io_loop.add_handler(sock, handler, IOLoop.READ)
+
+        io_loop.call_later(ACCEPT_BACKOFF, resume)
 
     def accept(sock: socket.socket) -> Callable[[int, int], None]:
         last = time.monotonic()
@@ -126,18 +154,26 @@ def listen(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) 
                     return
                 except ConnectionAbortedError:
                     continue  # the client gave up while queued
+                except OSError as exc:
+                    if exc.errno not in OUT_OF_FILES:
+                        raise
+                    back_off(sock, ready, exc)
+                    return
                 stream = IOStream(connection, max_buffer_size=server.max_buffer_size,
                                   read_chunk_size=server.read_chunk_size)
                 server.handle_stream(stream, address)
 
         return ready
 
-    for sock in sockets:
-        io_loop.add_handler(sock, accept(sock), IOLoop.READ)
+    accepting = [(sock, accept(sock)) for sock in sockets]
+    for sock, handler in accepting:
+        io_loop.add_handler(sock, handler, IOLoop.READ)
 
     def stop() -> None:
+        nonlocal stopped
+        stopped = True
         for sock in sockets:
-            io_loop.remove_handler(sock)
+            io_loop.remove_handler(sock)  # a no-op while paused
             sock.close()
 
     return stop

@@ -42,10 +42,13 @@ class Settings:
     upstream_idle_timeout: float = 300.0
     max_body_size: int = 1_048_576
     drain_timeout: float = 30.0
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
     session_secret: str | None = field(default=None, repr=False)
     session_ttl: float = 43_200.0
     ticket_ttl: float = 600.0
     stream_retention: float = 600.0
+    stream_retention_bytes: int = 256 * 1024 * 1024
     stream_max_events: int = 100_000
     events_retention: float = 86_400.0
     events_max: int = 1000
@@ -234,10 +237,13 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "upstream-idle-timeout": (_number(float, minimum=0, exclusive=True), "longest upstream silence, seconds"),
     "max-body-size": (_number(int, minimum=1), "largest request body, bytes"),
     "drain-timeout": (_number(float, minimum=0), "seconds running streams may finish after SIGTERM"),
+    "header-timeout": (_number(float, minimum=0, exclusive=True), "seconds a connection may take to send a request's head, or stay idle between requests"),
+    "body-timeout": (_number(float, minimum=0, exclusive=True), "seconds a client may take to send a request's body"),
     "session-secret": (_read_secret, "key that signs session cookies (or @file); unset: random at each start"),
     "session-ttl": (_number(float, minimum=0, exclusive=True), "seconds a session cookie stays valid"),
     "ticket-ttl": (_number(float, minimum=0, exclusive=True), "seconds a stream's read token stays valid"),
     "stream-retention": (_number(float, minimum=0), "seconds a finished stream stays readable for resume"),
+    "stream-retention-bytes": (_number(int, minimum=0), "bytes of finished streams the memory store keeps at most, the oldest dropped first; 0: no cap"),
     "stream-max-events": (_number(int, minimum=3), "most events one stream may hold"),
     "events-retention": (_number(float, minimum=0, exclusive=True), "seconds a push message waits for its user"),
     "events-max": (_number(int, minimum=1), "push messages kept per user at most"),

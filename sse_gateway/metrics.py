@@ -11,7 +11,7 @@ labelled counters. Names follow Prometheus conventions (`_total` is added to cou
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -56,6 +56,8 @@ class _HotNumbers(Collector):
         m = self._metrics
         yield GaugeMetricFamily("sse_open_connections", "Event-stream connections open now.", value=m.connections)
         yield GaugeMetricFamily("sse_running_streams", "Streams whose producer runs in this process.", value=m.streams)
+        yield GaugeMetricFamily("sse_retained_bytes", "Bytes of finished streams kept in memory for resume.",
+                                value=m.retained_bytes())
         yield CounterMetricFamily("sse_frames_relayed", "Data frames written to clients.", value=m.frames)
         yield CounterMetricFamily("sse_bytes_relayed", "Bytes of event streams written to clients.", value=m.bytes)
         yield CounterMetricFamily("sse_heartbeats_sent", "Heartbeat comments written to clients.", value=m.heartbeats)
@@ -73,6 +75,7 @@ class Metrics:
         self.frames = 0
         self.bytes = 0
         self.heartbeats = 0
+        self.retained_bytes: Callable[[], int] = lambda: 0  # set to the store's figure
         self.time_to_first_token = Histogram(
             "sse_time_to_first_token_seconds", "From a stream's start to its first content chunk.", _LATENCY
         )

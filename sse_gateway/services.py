@@ -75,7 +75,7 @@ class Services:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
-        store = open_store(settings.redis_url)
+        store = open_store(settings.redis_url, retained_bytes=settings.stream_retention_bytes)
         usage: UsageBook
         if settings.redis_url:
             from .usage import RedisUsageBook  # only deployments with Redis need redis-py loaded
@@ -96,6 +96,7 @@ class Services:
         users, model_prompts = parse_policy(settings.policy) if settings.policy else ({}, {})
         policy = Policy(default, users, model_prompts)
         metrics = Metrics()
+        metrics.retained_bytes = lambda: store.logs.retained_bytes
         prices = Prices(settings.prices)
         limiter = Limiter(store.counters, usage, policy, metrics)
         # A heartbeat goes out once a stream has been silent for the interval, within a thirtieth

@@ -203,3 +203,22 @@ async def test_redis_local_readers_get_frames_once_redis_has_them(redis_url):
     assert frames == [b"a"] and sink.writes == [b"a"]
     await store.close()
     await other.close()
+
+
+async def test_finished_logs_stay_within_the_retained_bytes_the_oldest_dropped_first():
+    store = MemoryStore(retained_bytes=1000)
+    frame = b"x" * 400
+    for name in ("first", "second", "third"):
+        await store.logs.create(name, "alice")
+        store.logs.append(name, [frame])
+        await store.logs.end(name, StreamState.DONE, [], retention=600)
+    assert await store.logs.info("first") is None  # dropped long before its retention
+    assert (await store.logs.info("second")).length == 1 and (await store.logs.info("third")).length == 1
+    assert store.logs.retained_bytes == 800
+    big = b"y" * 5000  # over the cap alone: kept, as its readers may be on it; the rest go
+    await store.logs.create("big", "alice")
+    store.logs.append("big", [big])
+    await store.logs.end("big", StreamState.DONE, [], retention=600)
+    assert [await store.logs.info(name) is None for name in ("second", "third", "big")] == [True, True, False]
+    assert store.logs.retained_bytes == 5000
+    await store.close()

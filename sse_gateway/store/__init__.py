@@ -115,6 +115,7 @@ class StreamLogs(abc.ABC):
     """Stream logs, written by one producer each and read from any position by any instance."""
 
     instance: str  # this process's instance id: the producer of the streams it creates
+    retained_bytes: int = 0  # bytes of finished logs this process keeps in its own memory
 
     @abc.abstractmethod
     async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
@@ -269,12 +270,14 @@ class Store(abc.ABC):
         """Release connections and tasks."""
 
 
-def open_store(url: str | None) -> Store:
-    """The backend the URL names: None for the embedded memory store, `redis://…` for Redis."""
+def open_store(url: str | None, retained_bytes: int = 0) -> Store:
+    """The backend the URL names: None for the embedded memory store, `redis://…` for Redis.
+    `retained_bytes` caps the finished logs the memory store keeps (0: no cap); Redis keeps
+    them within its own `maxmemory`."""
     if not url:
         from .memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(retained_bytes=retained_bytes)
     from .redis import RedisStore  # only deployments with Redis load redis-py
 
     return RedisStore(url)

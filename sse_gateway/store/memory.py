@@ -73,8 +73,14 @@ class _Expiries:
 
 
 class MemoryLogs(StreamLogs):
-    def __init__(self, instance: str, janitor: Deadlines, held: _Held) -> None:
+    """Logs in memory. Finished ones are kept for their retention, and within `max_retained`
+    bytes in all (0: no cap): past it, the streams that finished first are dropped first."""
+
+    def __init__(self, instance: str, janitor: Deadlines, held: _Held, max_retained: int = 0) -> None:
         self.instance = instance
+        self.max_retained = max_retained
+        self.retained_bytes = 0
+        self._finished: dict[str, int] = {}  # finished streams' sizes, in the order they finished
         self._janitor = janitor
         self._held = held
         self._logs: dict[str, LocalLog] = {}
@@ -97,6 +103,7 @@ class MemoryLogs(StreamLogs):
             return log.expires_at
         del self._logs[stream_id]
         self._readers.pop(stream_id, None)
+        self.retained_bytes -= self._finished.pop(stream_id, 0)
         self._held.remove()
         return None
 
@@ -134,7 +141,21 @@ class MemoryLogs(StreamLogs):
         log.expires_at = self._janitor.clock() + retention
         log.finish(state, frames, start_error)
         self._expiries.add(log.expires_at, stream_id)
+        size = sum(map(len, log.frames))
+        self._finished[stream_id] = size
+        self.retained_bytes += size
         self._wakeups.wake(stream_id)
+        self._drop_oldest(keep=stream_id)
+
+    def _drop_oldest(self, keep: str) -> None:
+        """Within the cap again, the stream that just finished spared (its readers are on it)."""
+        while self.max_retained and self.retained_bytes > self.max_retained and len(self._finished) > 1:
+            oldest = next(iter(self._finished))
+            if oldest == keep:
+                break
+            log = self._logs[oldest]
+            log.expires_at = self._janitor.clock()
+            self._release(oldest)
 
     async def read(self, stream_id: str, after: int) -> tuple[list[bytes], StreamInfo | None]:
         log = self._log(stream_id)
@@ -352,12 +373,12 @@ class MemoryControl(ControlBus):
 
 
 class MemoryStore(Store):
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, retained_bytes: int = 0) -> None:
         self.instance = secrets.token_hex(6)
         self._janitor = Deadlines(resolution=0.01, clock=clock)
         self._held = _Held()
         self.keys = MemoryKeys(self._janitor, self._held)
-        self.logs = MemoryLogs(self.instance, self._janitor, self._held)
+        self.logs = MemoryLogs(self.instance, self._janitor, self._held, retained_bytes)
         self.channels = MemoryChannels(self.keys, self._janitor, self._held)
         self.counters = MemoryCounters(self.keys)
         self.control = MemoryControl(self.instance)
