@@ -21,6 +21,7 @@ from sse_gateway import logs
 from sse_gateway.access import Ticket, check_idempotency_key
 from sse_gateway.auth import unauthorized
 from sse_gateway.errors import GatewayError, server_error
+from sse_gateway.limits import Reservation
 from sse_gateway.services import Services
 
 log = logging.getLogger("sse_gateway.http")
@@ -239,6 +240,13 @@ class JsonBodyHandler(ApiHandler):
     resets it, and the client would see a broken connection instead of our 401 or 413. A body
     over the limit is counted and dropped as it arrives, never buffered.
     """
+
+    reservation: Reservation | None = None  # tokens of the day held for this request (limits.py)
+
+    def release_reservation(self) -> None:
+        """Give back the tokens held for this request, unless something took them over to settle."""
+        self.services.limiter.release(self.reservation)
+        self.reservation = None
 
     async def prepare(self) -> None:
         if self.request.method not in BODY_METHODS:

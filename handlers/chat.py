@@ -20,11 +20,13 @@ from .sse import EventStreamMixin
 
 async def accept_chat(handler: JsonBodyHandler, *, force_stream: bool = False) -> ChatRequest:
     """The body as a chat request the caller may make: checked, the model allowed to this user,
-    the user's limits not reached, and the server's system prompt in front."""
+    the user's limits not reached, and the server's system prompt in front. The tokens it may
+    use are reserved in `handler.reservation`: whoever takes it over settles it, and what is
+    left there when the request ends goes back (`JsonBodyHandler.on_finish`)."""
     services = handler.services
     request = parse_chat_request(await handler.read_body(), force_stream=force_stream, caps=services.caps)
     services.policy.check_model(handler.user, request.model)
-    await services.limiter.admit(handler.user)
+    handler.reservation = await services.limiter.admit(handler.user, request.payload)
     payload = with_system_prompt(request.payload, services.policy.system_prompt(handler.user, request.model))
     return dataclasses.replace(request, payload=payload)
 
@@ -33,6 +35,12 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
     _answer: asyncio.Future[bytes] | None = None
 
     async def post(self) -> None:
+        try:
+            await self._answer_chat()
+        finally:
+            self.release_reservation()  # a no-op once the answer's usage settled it
+
+    async def _answer_chat(self) -> None:
         request = await accept_chat(self)
         if not request.stream:
             await self._complete(request)
@@ -45,7 +53,8 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         try:
             position = 0 if is_new else await self._resume_position(stream_id)
             if is_new:
-                streams.start(stream_id, self.user, request.payload, read=True)
+                streams.start(stream_id, self.user, request.payload, read=True, reservation=self.reservation)
+                self.reservation = None  # the stream settles it
             # The head waits for the upstream's, one heartbeat interval at most (§4.1).
             error = await streams.started(stream_id, self.services.settings.heartbeat_interval)
             if error is not None:
@@ -75,7 +84,8 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         # As for a stream: no answer the gateway could not account for (the store keeps usage
         # and limits, and a 503 tells the client to come back, as a streamed request's does).
         await services.store.ping()
-        meter = UsageMeter(services.usage, services.prices, self.user, request.model, request.payload["messages"])
+        meter = UsageMeter(services.usage, services.prices, self.user, request.model, request.payload["messages"],
+                           reservation=self.reservation)  # settled when recorded, else at on_finish
         # As a task, so that a client that hangs up cancels the upstream request too.
         self._answer = asyncio.ensure_future(services.upstream.chat(request.payload))
         try:

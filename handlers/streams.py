@@ -26,13 +26,20 @@ def stream_not_found() -> GatewayError:
 
 class StreamsHandler(JsonBodyHandler):
     async def post(self) -> None:
+        try:
+            await self._create()
+        finally:
+            self.release_reservation()  # a no-op once the stream took it over
+
+    async def _create(self) -> None:
         request = await accept_chat(self, force_stream=True)
         streams = self.services.streams
         stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key())
         self.stream_id = stream_id
         logs.stream_id.set(stream_id)
         if is_new:
-            streams.start(stream_id, self.user, request.payload)
+            streams.start(stream_id, self.user, request.payload, reservation=self.reservation)
+            self.reservation = None  # the stream settles it
         # Like a streaming chat request, wait (one heartbeat interval at most) for the upstream
         # to accept, so that its refusal is our status rather than an error frame nobody reads.
         info = await streams.wait_started(stream_id, self.services.settings.heartbeat_interval)

@@ -4,22 +4,36 @@ Counted in the store, so that several instances on one Redis count together. A r
 with `Retry-After` and an OpenAI-shaped error naming the limit, and is counted in the metrics.
 A stream holds its slot while it generates for someone: the slot frees when it ends, or when its
 last reader leaves (a resume within the grace does not take a slot again).
+
+Tokens per day are reserved at admission, so that a burst of parallel requests cannot all pass
+before any of them has used anything: a request reserves what it may use (its prompt, estimated,
+and its `max_tokens`, or DEFAULT_COMPLETION_RESERVE), and is admitted while the day's total of
+used and reserved tokens is under the limit; at its end the reservation is settled to what it
+used. The total is one counter per user and day in the store, added to atomically, so that
+instances on one Redis share it; it starts from the usage book's figure for the day.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 import math
+from typing import Any
 
 from .errors import GatewayError
 from .metrics import Metrics
 from .policy import Policy
-from .store import Counters
-from .usage import UsageBook, today
+from .store import Counters, StoreUnavailable
+from .usage import UsageBook, estimate_tokens, text_of, today
 
-__all__ = ["Limiter", "limited"]
+__all__ = ["Limiter", "Reservation", "limited"]
+
+log = logging.getLogger("sse_gateway.limits")
 
 SLOT_MAX_AGE = 24 * 3600.0  # a slot its holder never freed (a crash) is freed after this long
+DAY_TOTAL_MAX_AGE = 2 * 24 * 3600.0  # a day's token total is kept past its day, then forgotten
+DEFAULT_COMPLETION_RESERVE = 1000  # tokens reserved for an answer whose request sets no max_tokens
 
 
 def limited(limit: str, message: str, retry_after: float) -> GatewayError:
@@ -33,28 +47,84 @@ def _seconds_to_midnight() -> float:
     return (midnight - now).total_seconds()
 
 
+class Reservation:
+    """Tokens of a user's day held for one request, from its admission until `settle()` says
+    what it used (0 for a request that never reached the model). Settled once; later calls do
+    nothing, so that every path of a request may settle it without counting twice."""
+
+    __slots__ = ("_counters", "key", "amount", "_settled")
+
+    def __init__(self, counters: Counters, key: str, amount: int) -> None:
+        self._counters = counters
+        self.key = key
+        self.amount = amount
+        self._settled = False
+
+    async def settle(self, used: int) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if used != self.amount:
+            try:
+                await self._counters.add(self.key, used - self.amount, DAY_TOTAL_MAX_AGE)
+            except StoreUnavailable:
+                log.warning("tokens of the day for %s could not be settled (%+d): the store is away",
+                            self.key, used - self.amount)
+
+
+def reserve_for(payload: dict[str, Any]) -> int:
+    """What a chat request may use: its prompt, estimated, and the answer it allows."""
+    answer = payload.get("max_completion_tokens") or payload.get("max_tokens") or DEFAULT_COMPLETION_RESERVE
+    return estimate_tokens(text_of(payload.get("messages") or [])) + int(answer)
+
+
 class Limiter:
     def __init__(self, counters: Counters, usage: UsageBook, policy: Policy, metrics: Metrics) -> None:
         self.counters = counters
         self.usage = usage
         self.policy = policy
         self.metrics = metrics
+        self._settling: set[asyncio.Task[None]] = set()
+        self._known: set[str] = set()  # the day's totals this process has used (and so seeded)
+        self._known_date = ""
 
     def _refuse(self, limit: str, message: str, retry_after: float) -> GatewayError:
         self.metrics.rejections.labels(limit).inc()
         return limited(limit, message, retry_after)
 
-    async def admit(self, user: str) -> None:
-        """Before a request that asks the model for anything: requests per minute, tokens per day."""
+    async def admit(self, user: str, payload: dict[str, Any]) -> Reservation | None:
+        """Before a request that asks the model for anything: requests per minute, tokens per
+        day. Returns the request's reservation of tokens (None without a daily limit), which
+        its end must settle."""
         rules = self.policy.for_user(user)
         if rules.requests_per_minute:
             count, left = await self.counters.count_event(f"rpm:{user}", 60)
             if count > rules.requests_per_minute:
                 raise self._refuse("requests_per_minute",
                                    f"Rate limit reached: {rules.requests_per_minute} requests per minute.", left)
-        if rules.tokens_per_day and await self.usage.tokens_on(user, today()) >= rules.tokens_per_day:
+        if not rules.tokens_per_day:
+            return None
+        date = today()
+        key, amount = f"tokens:{user}:{date}", reserve_for(payload)
+        if self._known_date != date:
+            self._known_date, self._known = date, set()
+        initial = 0
+        if key not in self._known:  # a total this process has not used yet starts from the usage book
+            initial = await self.usage.tokens_on(user, date)
+            self._known.add(key)
+        total = await self.counters.add(key, amount, DAY_TOTAL_MAX_AGE, initial=initial)
+        if total - amount >= rules.tokens_per_day:
+            await self.counters.add(key, -amount, DAY_TOTAL_MAX_AGE)
             raise self._refuse("tokens_per_day", f"Daily limit reached: {rules.tokens_per_day} tokens.",
                                _seconds_to_midnight())
+        return Reservation(self.counters, key, amount)
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Settle a reservation whose request never reached the model, in the background."""
+        if reservation is not None:
+            task = asyncio.ensure_future(reservation.settle(0))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     async def take_stream(self, user: str, stream_id: str) -> None:
         rules = self.policy.for_user(user)

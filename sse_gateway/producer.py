@@ -268,8 +268,8 @@ class Producer:
         """Write the end of the stream; while the store is away, keep trying for a while, so that
         readers who resume once it is back find an ended stream rather than one forever running."""
         try:
-            if self._meter is not None and started:  # first: it needs no store, and must not wait for one
-                await self._meter.record(ended_early)
+            if self._meter is not None:  # first: it needs no store, and must not wait for one
+                await (self._meter.record(ended_early) if started else self._meter.nothing_used())
             deadline = self._loop.time() + END_RETRY_SECONDS
             while True:
                 try:

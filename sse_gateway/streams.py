@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .producer import NO_READER, SHUTDOWN, STOP, LogPolicy, Producer
 from .store import ControlBus, StoreUnavailable, StreamInfo, StreamLogs, StreamState
 from .upstream import UpstreamClient
-from .usage import Prices, UsageBook, UsageMeter
+from .usage import Prices, Settles, UsageBook, UsageMeter
 
 __all__ = ["Producers", "Streams", "new_stream_id", "parse_last_event_id"]
 
@@ -280,11 +280,14 @@ class Streams:
         """A stream created for a request that will not run: gone at once."""
         await self.logs.end(stream_id, StreamState.CANCELLED, [], retention=0)
 
-    def start(self, stream_id: str, owner: str, payload: dict[str, Any], *, read: bool = False) -> None:
-        """Start generating; `read`: a reader is counted already (it came with the request)."""
+    def start(self, stream_id: str, owner: str, payload: dict[str, Any], *, read: bool = False,
+              reservation: Settles | None = None) -> None:
+        """Start generating; `read`: a reader is counted already (it came with the request).
+        The stream settles `reservation` (the request's tokens of the day) when it ends."""
         options = payload.get("stream_options")
         meter = UsageMeter(self.usage, self.prices, owner, str(payload.get("model")), payload.get("messages") or [],
-                           client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True)
+                           client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
+                           reservation=reservation)
         freed = False
 
         def free_slot() -> None:  # once: when the readers leave, or when the stream ends

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -47,7 +47,7 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
-def _text_of(messages: Iterable[Any]) -> str:
+def text_of(messages: Iterable[Any]) -> str:
     parts = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
@@ -347,6 +347,12 @@ def carries_content(payload: bytes, chunk: dict[str, Any] | None) -> bool:
         isinstance(c, dict) and isinstance(c.get("delta"), dict) and bool(c["delta"].get("content")) for c in choices)
 
 
+class Settles(Protocol):
+    """A reservation of tokens (limits.Reservation), told what its request used."""
+
+    async def settle(self, used: int) -> None: ...
+
+
 class UsageMeter:
     """What one request consumed: the upstream's figures when it gives them, else an estimate.
 
@@ -355,17 +361,18 @@ class UsageMeter:
     itself is not kept for the stream's life.
     """
 
-    __slots__ = ("book", "prices", "user", "model", "client_wants_usage", "_prompt_estimate", "content_chunks",
+    __slots__ = ("book", "reservation", "prices", "user", "model", "client_wants_usage", "_prompt_estimate", "content_chunks",
                  "reported")
 
     def __init__(self, book: UsageBook, prices: Prices, user: str, model: str, messages: list[Any],
-                 client_wants_usage: bool = False) -> None:
+                 client_wants_usage: bool = False, reservation: Settles | None = None) -> None:
         self.book = book
+        self.reservation = reservation  # the request's tokens of the day, settled when recorded
         self.prices = prices
         self.user = user
         self.model = model
         self.client_wants_usage = client_wants_usage
-        self._prompt_estimate = estimate_tokens(_text_of(messages))
+        self._prompt_estimate = estimate_tokens(text_of(messages))
         self.content_chunks = 0
         self.reported: dict[str, Any] | None = None
 
@@ -386,7 +393,7 @@ class UsageMeter:
         usage = completion.get("usage")
         if isinstance(usage, dict):
             self.reported = usage
-        text = _text_of(c.get("message", {}) for c in completion.get("choices") or [] if isinstance(c, dict))
+        text = text_of(c.get("message", {}) for c in completion.get("choices") or [] if isinstance(c, dict))
         self.content_chunks = estimate_tokens(text) if text else 0
 
     def _reported(self, name: str) -> int | None:
@@ -405,3 +412,10 @@ class UsageMeter:
         row = UsageRow(today(), self.model, reason, 1, prompt, completion,
                        self.prices.cost_nanos(self.model, prompt, completion))
         await self.book.add(self.user, row)
+        if self.reservation is not None:
+            await self.reservation.settle(prompt + completion)
+
+    async def nothing_used(self) -> None:
+        """The request never reached the model: its reservation goes back whole."""
+        if self.reservation is not None:
+            await self.reservation.settle(0)

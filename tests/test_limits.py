@@ -168,3 +168,52 @@ class TestGlobalCaps:
         record = mock_model.find(text)
         await asyncio.wait_for(mock_model.wait_for(lambda: record.state != "open"), timeout=2)
         assert record.state == "cancelled"
+
+
+class TestTokensPerDayUnderABurst:
+    """Tokens are reserved at admission and settled at the end, in the store: a burst of
+    parallel requests cannot all pass before any has used anything, on one instance or two."""
+
+    @pytest.mark.parametrize(("backend", "instances"), [("memory", 1), ("redis", 1), ("redis", 2)])
+    async def test_fifty_parallel_requests_pass_the_limit_by_one_request_at_most(
+            self, start_gateway, http, backend, instances):
+        gateways = [start_gateway(api_keys=KEYS, tokens_per_day=100) for _ in range(instances)]
+        body = chat_body("x", model="mock-count", max_tokens=21)  # 21 tokens, and a prompt of 1
+
+        async def ask(i: int):
+            response = await http.post(f"{gateways[i % instances].url}/v1/chat/completions", json=body, headers=ALICE)
+            if response.status == 200:
+                await EventReader(response).read_all()
+            return response
+
+        responses = await asyncio.gather(*(ask(i) for i in range(50)))
+        admitted = [r for r in responses if r.status == 200]
+        for refused in [r for r in responses if r.status != 200]:
+            await limited(refused, "tokens_per_day")
+        for gateway in gateways:
+            await gateway.services.streams.wait_idle(5)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # each instance writes its usage to Redis in batches: until both have
+            usage = await (await http.get(f"{gateways[0].url}/v1/usage", headers=ALICE)).json()
+            used = usage["total"]["prompt_tokens"] + usage["total"]["completion_tokens"]
+            if used == 22 * len(admitted) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert used == 22 * len(admitted)
+        assert used - 22 < 100 <= used  # under the limit before the last one admitted, over after it
+        await limited(await http.post(f"{gateways[0].url}/v1/chat/completions", json=body, headers=ALICE),
+                      "tokens_per_day")
+
+    async def test_a_request_that_never_reaches_the_model_gives_its_tokens_back(self, start_gateway, http):
+        gateway = start_gateway(api_keys=KEYS, tokens_per_day=100)
+        failing = chat_body("x", model="mock-count", max_tokens=95, mock_error_status=500)
+        for stream in (True, False):  # each reserves 96 of the 100, and fails before any token
+            failing["stream"] = stream
+            response = await http.post(f"{gateway.url}/v1/chat/completions", json=failing, headers=ALICE)
+            assert response.status == 502
+        response = await http.post(f"{gateway.url}/v1/streams", json=failing, headers=ALICE)
+        assert response.status == 502
+        await gateway.services.streams.wait_idle(5)
+        _response, reader = await stream_chat(http, gateway.url, chat_body("x", model="mock-count", max_tokens=95),
+                                              headers=ALICE)
+        assert content_of(reader.events).split()[-1] == "94"  # admitted: nothing was held any more

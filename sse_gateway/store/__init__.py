@@ -239,6 +239,12 @@ class Counters(abc.ABC):
     @abc.abstractmethod
     async def free_slot(self, key: str, member: str) -> None: ...
 
+    @abc.abstractmethod
+    async def add(self, key: str, amount: int, max_age: float, initial: int = 0) -> int:
+        """Add `amount` (may be negative) to the total of `key`, at once for every instance, and
+        return the new total. A key not held starts at `initial`, and is forgotten `max_age`
+        seconds later."""
+
 
 class ControlBus(abc.ABC):
     """Short messages to the instance that produces a stream."""

@@ -231,6 +231,12 @@ class MemoryKeys(Keys):
     async def get(self, key: str) -> bytes | None:
         return self._live(key)
 
+    def ttl_of(self, key: str) -> float | None:
+        """Seconds `key` has left, or None when it is not held."""
+        if self._live(key) is None:
+            return None
+        return self._values[key][1] - self._janitor.clock()
+
     async def delete(self, key: str) -> None:
         if self._values.pop(key, None) is not None:
             self._held.remove()
@@ -267,6 +273,13 @@ class MemoryCounters(Counters):
             return False
         slots[member] = now
         return True
+
+    async def add(self, key: str, amount: int, max_age: float, initial: int = 0) -> int:
+        name = f"total:{key}"
+        total = int(await self._keys.get(name) or str(initial).encode()) + amount
+        ttl = self._keys.ttl_of(name)
+        await self._keys.put(name, str(total).encode(), ttl if ttl is not None else max_age)
+        return total
 
     async def free_slot(self, key: str, member: str) -> None:
         slots = self._slots.get(key)

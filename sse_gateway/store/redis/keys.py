@@ -16,6 +16,11 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
 """
 
+_ADD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
+return redis.call('INCRBY', KEYS[1], ARGV[1])
+"""
+
 _TAKE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - ARGV[3])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
@@ -68,6 +73,7 @@ class RedisCounters(Counters):
         self._prefix = prefix
         self._count_event = client.register_script(_COUNT_EVENT)
         self._take_slot = client.register_script(_TAKE_SLOT)
+        self._add = client.register_script(_ADD)
 
     @guarded
     async def count_event(self, key: str, window: float) -> tuple[int, float]:
@@ -82,6 +88,10 @@ class RedisCounters(Counters):
         now_ms = int(time.time() * 1000)
         taken = await self._take_slot(keys=[f"{self._prefix}slots:{key}"], args=[member, now_ms, ms(max_age), limit])
         return bool(taken)
+
+    @guarded
+    async def add(self, key: str, amount: int, max_age: float, initial: int = 0) -> int:
+        return int(await self._add(keys=[f"{self._prefix}total:{key}"], args=[amount, ms(max_age), initial]))
 
     @guarded
     async def free_slot(self, key: str, member: str) -> None:
