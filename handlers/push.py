@@ -19,10 +19,10 @@ class EventsHandler(JsonBodyHandler, EventStreamMixin):
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", "")
         after = parse_message_id(last) if last else None
         feed = UserFeed(channels, self.user, after, policy)
-        await feed.subscribe()  # subscribed before the head goes out: nothing can slip between
         try:
-            if after is None:
-                feed.after = await channels.cursor(self.user)
+            # Subscribed before the head goes out, so that nothing can slip between; with the
+            # store away, the channel opens anyway and subscribes once it is back.
+            await feed.subscribe()
         except BaseException:
             feed.close()
             raise

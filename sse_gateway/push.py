@@ -9,7 +9,9 @@ that what was published while the user was away arrives on connect (within the r
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +20,14 @@ import orjson
 from .delivery import Delivery
 from .errors import bad_request, load_json_body
 from .frames import encode_event
-from .store import UserChannels
+from .store import StoreUnavailable, UserChannels, message_id_key
 
 __all__ = ["PushPolicy", "UserFeed", "parse_message_id", "parse_publish"]
 
 _MESSAGE_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _EVENT_NAME = re.compile(r"[^\r\n\0]{1,128}")
 MAX_USER = 256
+RESUBSCRIBE_EVERY = 1.0  # seconds between a channel's attempts to subscribe while the store is away
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,13 @@ class UserFeed(Delivery):
     Subscribed (`subscribe()`) before the response head goes out, so that nothing published
     after the head can be missed; delivering from `begin()`. After each batch it has handed to
     the connection, the user's cursor moves on.
+
+    While the store is away, a new channel still opens (a browser's EventSource never retries
+    after a status other than 200): it gets heartbeats, tries to subscribe again every
+    RESUBSCRIBE_EVERY seconds, and delivers from then on. Nothing can be published meanwhile.
     """
 
-    __slots__ = ("channels", "user", "after", "policy", "_cursor", "_watching")
+    __slots__ = ("channels", "user", "after", "policy", "_cursor", "_watching", "_ready", "_retry", "_opened")
 
     def __init__(self, channels: UserChannels, user: str, after: str | None, policy: PushPolicy) -> None:
         super().__init__()
@@ -78,12 +85,47 @@ class UserFeed(Delivery):
         self.policy = policy
         self._cursor = after
         self._watching = False
+        self._ready = False  # subscribed, and where to start known
+        self._retry: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._opened: str | None = None  # a message id for the time it opened, when the store was away
 
     async def subscribe(self) -> None:
-        await self.channels.watch(self.user, self.wake)
-        self._watching = True
+        """Subscribe, and without a Last-Event-ID start after the user's cursor; while the store
+        is away, keep trying in the background."""
+        try:
+            if not self._watching:
+                await self.channels.watch(self.user, self.wake)
+                self._watching = True
+                if self.done:  # the connection went while this was under way
+                    self._watching = False
+                    self.channels.unwatch(self.user, self.wake)
+                    return
+            if self.after is None:
+                self.after = self._start(await self.channels.cursor(self.user))
+        except StoreUnavailable:
+            if self.after is None and self._opened is None:
+                self._opened = f"{int(time.time() * 1000)}-0"
+            if not self.done:
+                self._retry = asyncio.get_running_loop().call_later(RESUBSCRIBE_EVERY, self._try_again)
+            return
+        self._retry = None
+        self._ready = True
+        self.wake()
+
+    def _start(self, cursor: str | None) -> str | None:
+        """After the user's cursor; for a channel that opened while the store was away, no later
+        than when it opened, although the user's other connections may have moved the cursor
+        past what was published since (None: from the first message kept)."""
+        if self._opened is None or cursor is None or message_id_key(cursor) < message_id_key(self._opened):
+            return cursor
+        return self._opened
+
+    def _try_again(self) -> None:
+        self._retry = asyncio.ensure_future(self.subscribe())
 
     async def _fetch(self) -> tuple[bytes, bool]:
+        if not self._ready:
+            return b"", False  # not subscribed yet: the store is away
         messages = await self.channels.messages_after(self.user, self.after, self.policy.retention)
         if not messages:
             return b"", False
@@ -97,6 +139,10 @@ class UserFeed(Delivery):
 
     def close(self) -> None:
         super().close()
+        if self._retry is not None:  # a subscription under way may have registered the wake-up
+            self._retry.cancel()
+            self._retry = None
+            self._watching = True
         if self._watching:
             self._watching = False
             self.channels.unwatch(self.user, self.wake)
