@@ -180,6 +180,8 @@ async def test_shutdown_without_redis_is_bounded_and_the_usage_waits_for_the_nex
     assert await server.stop(signal.SIGTERM, timeout=20) == 0
     assert asyncio.get_running_loop().time() - started < 2 + 8  # --drain-timeout, and the usage's last try
     assert not any("Traceback" in line for line in server.lines)
+    # One line per 10 s while Redis is away, however many calls fail (about 20 in this test).
+    assert sum("redis unavailable" in line for line in server.lines) == 1, "\n".join(server.lines)
     assert spill.exists(), "\n".join(server.lines)
     user, _date, model, reason, requests, *_ = json.loads(spill.read_text().splitlines()[0])
     assert (user, model, requests) == ("alice", "mock-echo", 1) and reason

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import GatewayError
 from .. import StoreUnavailable
 
-__all__ = ["UNREACHABLE", "connect", "error_from_json", "error_to_json", "guarded", "ms"]
+__all__ = ["UNREACHABLE", "connect", "error_from_json", "error_to_json", "guarded", "ms", "outage"]
 
 log = logging.getLogger("sse_gateway.store")
 
@@ -55,17 +55,17 @@ class _OutageLog:
         self._last = -math.inf
         self._held = 0
 
-    def warn(self, exc: BaseException) -> None:
+    def warn(self, exc: BaseException, what: str = "") -> None:
         now = time.monotonic()
         if now - self._last < self.WARN_EVERY:
             self._held += 1
             return
         more = f" ({self._held} more failed calls since the last line)" if self._held else ""
-        log.warning("redis unavailable: %s%s", exc.__class__.__name__, more)
+        log.warning("redis unavailable: %s%s%s", exc.__class__.__name__, what, more)
         self._last, self._held = now, 0
 
 
-_outage = _OutageLog()
+outage = _OutageLog()
 
 
 def guarded(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -77,7 +77,7 @@ def guarded(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
         try:
             return await method(*args, **kwargs)
         except UNREACHABLE as exc:
-            _outage.warn(exc)
+            outage.warn(exc)
             raise StoreUnavailable() from None
 
     return call

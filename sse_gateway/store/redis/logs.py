@@ -24,7 +24,7 @@ from typing import Any
 from ...errors import GatewayError
 from .. import READ_BATCH, StoreUnavailable, StreamInfo, StreamLogs, StreamState, Wake
 from ..local import LocalLog
-from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms
+from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms, outage
 from .control import RedisControl
 from .listener import Subscriptions
 from .pipeline import PipelinedConnection
@@ -213,7 +213,7 @@ class RedisLogs(StreamLogs):
                         await self._eval(_APPEND, keys, *args)
                 except BaseException as exc:
                     if isinstance(exc, UNREACHABLE):
-                        log.warning("redis unavailable: frames of %d stream(s) not written", len(work))
+                        outage.warn(exc, f"; frames of {len(work)} stream(s) not written")
                     elif not isinstance(exc, asyncio.CancelledError):
                         log.exception("frames of %d stream(s) not written", len(work))
                     for _sid, produced, frames in work:
