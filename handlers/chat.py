@@ -77,7 +77,7 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
             return 0
         position = parse_last_event_id(last, info)
         # A client that has it all gets [DONE] once more, so that it can finish.
-        return min(position, info.length - 1) if info.ended else position
+        return min(position, info.length - 1) if info.ended and not info.lost else position
 
     async def _complete(self, request: ChatRequest) -> None:
         services = self.services

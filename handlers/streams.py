@@ -63,7 +63,7 @@ class StreamHandler(EventStreamMixin):
         # The header is the browser's own, newer than a query parameter fixed in the URL.
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", "")
         position = parse_last_event_id(last, info) if last else 0
-        if info.ended and position == info.length:
+        if info.ended and not info.lost and position == info.length:
             self.set_status(204)  # the reader has everything, [DONE] included: stop reconnecting
             return
         streams = self.services.streams

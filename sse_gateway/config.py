@@ -43,6 +43,7 @@ class Settings:
     max_body_size: int = 1_048_576
     drain_timeout: float = 30.0
     header_timeout: float = 20.0
+    instance_lease: float = 10.0
     body_timeout: float = 60.0
     session_secret: str | None = field(default=None, repr=False)
     session_ttl: float = 43_200.0
@@ -237,6 +238,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "upstream-idle-timeout": (_number(float, minimum=0, exclusive=True), "longest upstream silence, seconds"),
     "max-body-size": (_number(int, minimum=1), "largest request body, bytes"),
     "drain-timeout": (_number(float, minimum=0), "seconds running streams may finish after SIGTERM"),
+    "instance-lease": (_number(float, minimum=0, exclusive=True), "with --redis-url: seconds after which an instance that stopped renewing its lease is taken for dead, and its streams end"),
     "header-timeout": (_number(float, minimum=0, exclusive=True), "seconds a connection may take to send a request's head, or stay idle between requests"),
     "body-timeout": (_number(float, minimum=0, exclusive=True), "seconds a client may take to send a request's body"),
     "session-secret": (_read_secret, "key that signs session cookies (or @file); unset: random at each start"),

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from typing import Protocol
 
-from .errors import GatewayError, server_error
+from .errors import GatewayError, producer_lost, server_error
 from .metrics import Metrics
 from .store import READ_BATCH, StreamLogs
 from .store.local import LocalLog
@@ -193,6 +193,12 @@ class LogDelivery(Delivery):
             if info is None:
                 return b"", True  # expired meanwhile: nothing more will come
             length, ended = info.length, info.ended
+            if info.lost and self.position + len(frames) >= length:
+                self.position += len(frames)
+                self.metrics.frames += len(frames)
+                if frames:  # the frames first; the end (outside the log) with the next read
+                    return (frames[0] if len(frames) == 1 else b"".join(frames)), False
+                raise producer_lost()
         self.position += len(frames)
         self.metrics.frames += len(frames)
         data = frames[0] if len(frames) == 1 else b"".join(frames)

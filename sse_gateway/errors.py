@@ -75,6 +75,13 @@ def load_json_body(body: bytes) -> Any:
                       code="invalid_json")
 
 
+def producer_lost() -> GatewayError:
+    """The end of a stream whose producing instance died (written outside the log, with no id,
+    so that a resume with Last-Event-ID stays exact)."""
+    return GatewayError(502, "The gateway instance producing this answer stopped before it was complete.",
+                        type="server_error", code="producer_lost")
+
+
 def server_error() -> GatewayError:
     """What a client sees for a bug of ours: no details, no traceback."""
     return GatewayError(500, "The gateway failed to handle the request.", type="server_error", code="internal_error")

@@ -31,7 +31,6 @@ __all__ = ["Limiter", "Reservation", "limited"]
 
 log = logging.getLogger("sse_gateway.limits")
 
-SLOT_MAX_AGE = 24 * 3600.0  # a slot its holder never freed (a crash) is freed after this long
 DAY_TOTAL_MAX_AGE = 2 * 24 * 3600.0  # a day's token total is kept past its day, then forgotten
 DEFAULT_COMPLETION_RESERVE = 1000  # tokens reserved for an answer whose request sets no max_tokens
 
@@ -79,11 +78,17 @@ def reserve_for(payload: dict[str, Any]) -> int:
 
 
 class Limiter:
-    def __init__(self, counters: Counters, usage: UsageBook, policy: Policy, metrics: Metrics) -> None:
+    def __init__(self, counters: Counters, usage: UsageBook, policy: Policy, metrics: Metrics,
+                 slot_lease: float = 10.0) -> None:
         self.counters = counters
         self.usage = usage
         self.policy = policy
         self.metrics = metrics
+        # A stream's slot lapses 2 * slot_lease after its holder last renewed it, which it does
+        # every half lease: the slots of an instance that died free up by themselves.
+        self.slot_lease = slot_lease
+        self._held: dict[str, str] = {}  # stream id -> user, for the slots this process holds
+        self._renewing: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self._known: set[str] = set()  # the day's totals this process has used (and so seeded)
         self._known_date = ""
@@ -128,12 +133,31 @@ class Limiter:
 
     async def take_stream(self, user: str, stream_id: str) -> None:
         rules = self.policy.for_user(user)
-        if rules.concurrent_streams and not await self.counters.take_slot(
-            f"streams:{user}", stream_id, rules.concurrent_streams, SLOT_MAX_AGE
-        ):
+        if not rules.concurrent_streams:
+            return
+        if not await self.counters.take_slot(f"streams:{user}", stream_id, rules.concurrent_streams,
+                                             2 * self.slot_lease):
             raise self._refuse("concurrent_streams",
                                f"Too many answers at once: {rules.concurrent_streams} streams at most.", 1)
+        self._held[stream_id] = user
+        if self._renewing is None:
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.slot_lease / 2)
+            for stream_id, user in list(self._held.items()):
+                try:  # held already: taking it again renews it
+                    await self.counters.take_slot(f"streams:{user}", stream_id, 1 << 30, 2 * self.slot_lease)
+                except StoreUnavailable:
+                    break
 
     async def free_stream(self, user: str, stream_id: str) -> None:
+        self._held.pop(stream_id, None)
         if self.policy.for_user(user).concurrent_streams:
             await self.counters.free_slot(f"streams:{user}", stream_id)
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)

@@ -75,7 +75,8 @@ class Services:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
-        store = open_store(settings.redis_url, retained_bytes=settings.stream_retention_bytes)
+        store = open_store(settings.redis_url, retained_bytes=settings.stream_retention_bytes,
+                           lease=settings.instance_lease)
         usage: UsageBook
         if settings.redis_url:
             from .usage import RedisUsageBook  # only deployments with Redis need redis-py loaded
@@ -98,14 +99,15 @@ class Services:
         metrics = Metrics()
         metrics.retained_bytes = lambda: store.logs.retained_bytes
         prices = Prices(settings.prices)
-        limiter = Limiter(store.counters, usage, policy, metrics)
+        limiter = Limiter(store.counters, usage, policy, metrics, slot_lease=settings.instance_lease)
         # A heartbeat goes out once a stream has been silent for the interval, within a thirtieth
         # of it after (0.5 s at the default 15 s): the heartbeats due within that time share one
         # wake-up and go out together, which is what ten thousand idle streams cost least with.
         deadlines = Deadlines(resolution=settings.heartbeat_interval / 30)
         producers = Producers(store.logs, store.control, upstream, log_policy, metrics, deadlines,
                               settings.resume_grace)
-        streams = Streams(store.logs, store.control, producers, idempotency, limiter, usage, prices)
+        streams = Streams(store.logs, store.control, producers, idempotency, limiter, usage, prices,
+                          lease=settings.instance_lease)
         return cls(
             settings=settings,
             keys=ApiKeys(settings.api_keys),
@@ -130,6 +132,7 @@ class Services:
     async def close(self) -> None:
         """Stop streams, close the upstream session and the embedded mock model."""
         await self.streams.close()
+        await self.limiter.close()
         for response in list(self.open_streams):  # readers of streams produced elsewhere, say
             response.close()
         self.deadlines.close()

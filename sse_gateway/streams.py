@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .producer import NO_READER, SHUTDOWN, STOP, LogPolicy, Producer
 from .store import ControlBus, StoreUnavailable, StreamInfo, StreamLogs, StreamState
 from .upstream import UpstreamClient
-from .usage import Prices, Settles, UsageBook, UsageMeter
+from .usage import Prices, Settles, UsageBook, UsageMeter, UsageRow, estimate_tokens, text_of, today
 
 __all__ = ["Producers", "Streams", "new_stream_id", "parse_last_event_id"]
 
@@ -229,7 +229,7 @@ class Streams:
     """Streams for requests: open, start, readers, start-up, stop (DESIGN.md §4.2)."""
 
     def __init__(self, logs: StreamLogs, control: ControlBus, producers: Producers, idempotency: IdempotencyKeys,
-                 limiter: Limiter, usage: UsageBook, prices: Prices) -> None:
+                 limiter: Limiter, usage: UsageBook, prices: Prices, lease: float = 10.0) -> None:
         self.logs = logs
         self.control = control
         self.producers = producers
@@ -237,6 +237,39 @@ class Streams:
         self.limiter = limiter
         self.usage = usage
         self.prices = prices
+        self.lease = lease  # seconds after which an instance that stopped renewing its lease is dead
+        self._watching: asyncio.Task[None] | None = None
+
+    def _watch_producers(self) -> None:
+        """Look for lost producers of the streams read here (started with the first reader)."""
+        if self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(self._find_lost())
+
+    async def _find_lost(self) -> None:
+        """Every half lease: end the streams read here whose producer's instance has died, so
+        that their readers get an end instead of heartbeats for ever."""
+        while True:
+            await asyncio.sleep(self.lease / 2)
+            for stream_id in self.logs.followed_elsewhere():
+                try:
+                    await self._end_if_lost(stream_id)
+                except StoreUnavailable:
+                    break  # the next round, once the store is back
+
+    async def _end_if_lost(self, stream_id: str) -> StreamInfo | None:
+        info = await self.logs.end_lost(stream_id, self.producers.policy.retention)
+        if info is None:
+            return None
+        log.warning("stream %s: the instance producing it (%s) is gone; the stream ends there", stream_id,
+                    info.instance)
+        self.producers.metrics.cancellations.labels("producer_lost").inc()
+        # What it consumed, as an estimate: its prompt, and about a token per frame it produced.
+        completion = max(0, info.length - 1)
+        await self.usage.add(info.owner, UsageRow(
+            today(), info.model, "producer_lost", 1, info.prompt_tokens, completion,
+            self.prices.cost_nanos(info.model, info.prompt_tokens, completion)))
+        await self.limiter.free_stream(info.owner, stream_id)
+        return info
 
     def __len__(self) -> int:
         """Streams generating in this process."""
@@ -252,7 +285,8 @@ class Streams:
         With `reader`, the request reads the stream it gets, and is counted as its reader.
         """
         stream_id = new_stream_id()
-        await self.logs.create(stream_id, owner, readers=1 if reader else 0)
+        await self.logs.create(stream_id, owner, readers=1 if reader else 0, model=str(payload.get("model")),
+                               prompt_tokens=estimate_tokens(text_of(payload.get("messages") or [])))
         earlier = None
         if idempotency_key is not None:
             request = fingerprint(payload)
@@ -300,6 +334,7 @@ class Streams:
 
     async def add_reader(self, stream_id: str) -> None:
         """Count a reader (on any instance); the stream's producer learns its first one."""
+        self._watch_producers()
         if await self.logs.add_reader(stream_id) == 1:
             await self._tell_producer(stream_id, "attach")
 
@@ -371,8 +406,14 @@ class Streams:
         info = await self.logs.info(stream_id)
         if info is None or info.ended:
             return info
+        lost = await self._end_if_lost(stream_id)  # its producer is gone: nobody to tell
+        if lost is not None:
+            return lost
         await self.control.send(info.instance, "stop", stream_id)
         return await self._wait_state(stream_id, STOP_TIMEOUT, lambda i: i.ended)
 
     async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
         await self.producers.close()

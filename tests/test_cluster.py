@@ -7,12 +7,13 @@ so that what the upstream sees (a cancellation, say) can be observed.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import redis.asyncio
-from support import EventReader, chat_body, content_of
+from support import EventReader, blocks, chat_body, content_of
 from test_push import take
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +35,10 @@ def cluster(programs, mock_model, redis_url):
                 "--session-secret=shared-between-instances", "--heartbeat-interval=1", *flags,
             )
             urls.append((await server.wait_for_line(r"listening on (http://[\d.]+:\d+)")).group(1))
+            start.servers.append(server)
         return urls
 
+    start.servers = []  # the processes, in the order of their URLs
     return start
 
 
@@ -152,3 +155,47 @@ async def test_push_reaches_every_connection_of_a_user_on_every_instance(cluster
     away = (await (await http.post(f"{a}/v1/events", json={"user": "bob", "data": "away"}, headers=ADMIN)).json())["id"]
     back = EventReader(await http.get(f"{b}/v1/events", headers=BOB))
     assert [e.id for e in await take(back, 1)] == [away]
+
+
+async def test_an_instance_that_dies_frees_what_it_held(cluster, http):
+    """SIGKILL the instance producing a stream: within the lease (1 s here), its readers on the
+    other instance get the end (producer_lost, outside the log), a resume gets it too, a DELETE
+    ends another of its streams at once, the user's slot is free, and the usage is recorded."""
+    a, b = await cluster(2, "--instance-lease=1", "--concurrent-streams=1")
+    text = " ".join(f"w{i}" for i in range(200))
+    created = await (await http.post(f"{a}/v1/streams", json=chat_body(text, mock_token_delay=0.1),
+                                     headers=ALICE)).json()
+    bobs = await (await http.post(f"{a}/v1/streams", json=chat_body(text, mock_token_delay=0.1),
+                                  headers=BOB)).json()
+    response = await http.get(f"{b}{created['url']}", headers=ALICE)
+    assert response.status == 200
+    reader = EventReader(response)
+    first = await take(reader, 3)
+    cluster.servers[0].proc.kill()  # SIGKILL: no drain, no goodbye
+
+    try:
+        await asyncio.wait_for(reader.read_all(), 20)
+    except TimeoutError:
+        raise AssertionError("\n".join(cluster.servers[1].lines)) from None
+    events = reader.events
+    error = json.loads(events[-2].data)["error"]
+    assert error["code"] == "producer_lost" and events[-1].data == "[DONE]"
+    assert not any(line.startswith("id:") for block in blocks(bytes(reader.raw))[-2:] for line in block)
+    last = events[-3].id  # the last frame of the log: the end is outside it, so a resume stays exact
+    response = await http.get(f"{b}/v1/streams/{created['id']}", headers={**ALICE, "Last-Event-ID": last})
+    resumed = EventReader(response)
+    await resumed.read_all()
+    assert [e.data for e in resumed.events][-1] == "[DONE]"
+    assert json.loads(resumed.events[-2].data)["error"]["code"] == "producer_lost"
+    assert not any(line.startswith("id:") for block in blocks(bytes(resumed.raw)) for line in block)
+
+    # Bob's stream had no reader: a DELETE on the living instance ends it at once.
+    stopped = await http.delete(f"{b}/v1/streams/{bobs['id']}", headers=BOB)
+    assert stopped.status == 200 and (await stopped.json())["state"] == "failed"
+
+    # Alice's one slot is free again, and what her stream consumed is recorded, as an estimate.
+    again = await http.post(f"{b}/v1/chat/completions", json=chat_body("again"), headers=ALICE)
+    assert again.status == 200
+    assert content_of(await EventReader(again).read_all()) == "again"
+    usage = await (await http.get(f"{b}/v1/usage", headers=ALICE)).json()
+    assert "producer_lost" in [row["reason"] for row in usage["data"]]

@@ -74,6 +74,10 @@ class StreamInfo:
     instance: str = ""  # the gateway instance whose producer writes the stream
     # A failure before the upstream's head: the first reader can still answer with its status.
     start_error: GatewayError | None = None
+    # Its producer's instance died: the log ends where it stopped, with no [DONE] of its own.
+    lost: bool = False
+    model: str = ""  # what the stream asked for, and its prompt's estimated tokens: what
+    prompt_tokens: int = 0  # another instance records as its usage should its producer be lost
 
     @property
     def ended(self) -> bool:
@@ -118,8 +122,18 @@ class StreamLogs(abc.ABC):
     retained_bytes: int = 0  # bytes of finished logs this process keeps in its own memory
 
     @abc.abstractmethod
-    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
+    async def create(self, stream_id: str, owner: str, readers: int = 0, model: str = "",
+                     prompt_tokens: int = 0) -> None:
         """A new, empty, PENDING stream, produced by this instance, with `readers` counted."""
+
+    def followed_elsewhere(self) -> list[str]:
+        """Streams read here whose producer runs on another instance (which may die)."""
+        return []
+
+    async def end_lost(self, stream_id: str, retention: float) -> StreamInfo | None:
+        """End a pending or running stream whose producer's instance has lost its lease (died),
+        as lost; its state then, when this call ended it (once, whichever instance asks)."""
+        return None
 
     @abc.abstractmethod
     async def info(self, stream_id: str) -> StreamInfo | None:
@@ -276,14 +290,15 @@ class Store(abc.ABC):
         """Release connections and tasks."""
 
 
-def open_store(url: str | None, retained_bytes: int = 0) -> Store:
+def open_store(url: str | None, retained_bytes: int = 0, lease: float = 10.0) -> Store:
     """The backend the URL names: None for the embedded memory store, `redis://…` for Redis.
     `retained_bytes` caps the finished logs the memory store keeps (0: no cap); Redis keeps
-    them within its own `maxmemory`."""
+    them within its own `maxmemory`. `lease`: seconds after which an instance that stopped
+    refreshing its lease in Redis is taken for dead."""
     if not url:
         from .memory import MemoryStore
 
         return MemoryStore(retained_bytes=retained_bytes)
     from .redis import RedisStore  # only deployments with Redis load redis-py
 
-    return RedisStore(url)
+    return RedisStore(url, lease=lease)

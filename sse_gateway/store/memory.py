@@ -113,7 +113,8 @@ class MemoryLogs(StreamLogs):
             raise KeyError(stream_id)
         return log
 
-    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
+    async def create(self, stream_id: str, owner: str, readers: int = 0, model: str = "",
+                     prompt_tokens: int = 0) -> None:
         if stream_id in self._logs:
             raise ValueError(f"stream {stream_id} exists")
         self._logs[stream_id] = LocalLog(owner, self.instance)

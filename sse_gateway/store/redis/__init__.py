@@ -23,6 +23,7 @@ from .channels import RedisChannels
 from .connection import connect, guarded
 from .control import RedisControl
 from .keys import RedisCounters, RedisKeys
+from .lease import Lease
 from .listener import Subscriptions
 from .logs import RedisLogs
 from .pipeline import PipelinedConnection
@@ -31,13 +32,14 @@ __all__ = ["RedisStore"]
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, prefix: str = "sse:") -> None:
+    def __init__(self, url: str, prefix: str = "sse:", lease: float = 10.0) -> None:
         self.instance = secrets.token_hex(6)
         self.client: Any = connect(url)  # the process's one pool, for other parts that keep data in Redis
         self.subscriptions = Subscriptions(self.client, self.instance)
         self.control = RedisControl(self.client, self.subscriptions, prefix)
         self.writes = PipelinedConnection(url)
-        self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix)
+        self.lease = Lease(self.client, self.instance, prefix, lease)
+        self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix, self.lease)
         self.channels = RedisChannels(self.client, self.subscriptions, prefix)
         self.keys = RedisKeys(self.client, prefix)
         self.counters = RedisCounters(self.client, prefix)
@@ -51,6 +53,7 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self.logs.close()
+        await self.lease.close()
         await self.channels.close()
         await self.subscriptions.close()
         self.writes.close()

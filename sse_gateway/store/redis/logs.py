@@ -26,6 +26,7 @@ from .. import READ_BATCH, StoreUnavailable, StreamInfo, StreamLogs, StreamState
 from ..local import LocalLog
 from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms, outage
 from .control import RedisControl
+from .lease import Lease
 from .listener import Subscriptions
 from .pipeline import PipelinedConnection
 
@@ -54,10 +55,25 @@ end
 return #KEYS
 """
 
-# KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end.
+# KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end, model,
+# the prompt's estimated tokens.
 _CREATE = """
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'instance', ARGV[2], 'state', 'pending', 'readers', ARGV[3])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'instance', ARGV[2], 'state', 'pending', 'readers', ARGV[3],
+           'model', ARGV[5], 'prompt_tokens', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: meta, log. ARGV: the prefix of lease keys, the retention in ms, this instance. Ends the
+# stream as lost when it is still pending or running and its producer's lease has expired.
+_END_LOST = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'instance')
+if (f[1] ~= 'pending' and f[1] ~= 'running') or not f[2] then return 0 end
+if redis.call('EXISTS', ARGV[1] .. f[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'lost', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -106,8 +122,10 @@ class _Produced:
 
 class RedisLogs(StreamLogs):
     def __init__(self, client: Any, writes: PipelinedConnection, subscriptions: Subscriptions,
-                 control: RedisControl, prefix: str) -> None:
+                 control: RedisControl, prefix: str, lease: Lease) -> None:
         self.instance = subscriptions.instance
+        self._lease = lease
+        self._elsewhere: dict[str, int] = {}  # streams produced elsewhere, read here: watchers
         self._client = client  # redis-py: reads of streams produced elsewhere
         self._writes = writes  # the data path's connection: every write of a stream here
         self._subscriptions = subscriptions
@@ -128,9 +146,12 @@ class RedisLogs(StreamLogs):
         return await self._writes.call("EVAL", script, len(keys), *keys, *args)
 
     @guarded
-    async def create(self, stream_id: str, owner: str, readers: int = 0) -> None:
+    async def create(self, stream_id: str, owner: str, readers: int = 0, model: str = "",
+                     prompt_tokens: int = 0) -> None:
         await self._control.ready()  # a stop sent to this instance must find it listening
-        await self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE)
+        await self._lease.hold()  # alive, for every instance that reads what it produces
+        await self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE,
+                         model, prompt_tokens)
         self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
@@ -139,6 +160,8 @@ class RedisLogs(StreamLogs):
         return StreamInfo(
             stream_id, fields[b"owner"].decode(), StreamState(fields[b"state"].decode()), length,
             fields.get(b"instance", b"").decode(), error_from_json(fields.get(b"start_error")),
+            lost=fields.get(b"lost") == b"1", model=fields.get(b"model", b"").decode(),
+            prompt_tokens=int(fields.get(b"prompt_tokens") or 0),
         )
 
     def _here(self, stream_id: str) -> LocalLog | None:
@@ -304,10 +327,32 @@ class RedisLogs(StreamLogs):
 
     @guarded
     async def watch(self, stream_id: str, wake: Wake) -> None:
-        await self._subscriptions.watch(self._meta(stream_id), wake, local_only=stream_id in self._produced)
+        here = stream_id in self._produced
+        await self._subscriptions.watch(self._meta(stream_id), wake, local_only=here)
+        if not here:
+            self._elsewhere[stream_id] = self._elsewhere.get(stream_id, 0) + 1
 
     def unwatch(self, stream_id: str, wake: Wake) -> None:
         self._subscriptions.unwatch(self._meta(stream_id), wake)
+        count = self._elsewhere.get(stream_id)
+        if count is not None:
+            if count > 1:
+                self._elsewhere[stream_id] = count - 1
+            else:
+                del self._elsewhere[stream_id]
+
+    def followed_elsewhere(self) -> list[str]:
+        return list(self._elsewhere)
+
+    @guarded
+    async def end_lost(self, stream_id: str, retention: float) -> StreamInfo | None:
+        if stream_id in self._produced:
+            return None  # produced here: alive
+        if not await self._eval(_END_LOST, [self._meta(stream_id), self._log(stream_id)], self._lease.prefix,
+                                ms(retention), self.instance):
+            return None
+        self._subscriptions.wake(self._meta(stream_id))  # readers here: the message is our own
+        return await self.info(stream_id)
 
     @guarded
     async def add_reader(self, stream_id: str) -> int:
