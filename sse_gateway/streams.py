@@ -241,23 +241,23 @@ class Streams:
         self._watching: asyncio.Task[None] | None = None
 
     def _watch_producers(self) -> None:
-        """Look for lost producers of the streams read here (started with the first reader)."""
+        """Look for streams whose producer died (started with the first stream or reader here)."""
         if self._watching is None:
             self._watching = asyncio.get_running_loop().create_task(self._find_lost())
 
     async def _find_lost(self) -> None:
-        """Every half lease: end the streams read here whose producer's instance has died, so
-        that their readers get an end instead of heartbeats for ever."""
+        """Every half lease: end the streams of instances that have died, so that their readers
+        get an end instead of heartbeats for ever, and what they held is freed."""
         while True:
             await asyncio.sleep(self.lease / 2)
-            for stream_id in self.logs.followed_elsewhere():
-                try:
-                    await self._end_if_lost(stream_id)
-                except StoreUnavailable:
-                    break  # the next round, once the store is back
+            try:
+                for stream_id, instance in await self.logs.orphans():
+                    await self._end_if_lost(stream_id, instance)
+            except StoreUnavailable:
+                pass  # the next round, once the store is back
 
-    async def _end_if_lost(self, stream_id: str) -> StreamInfo | None:
-        info = await self.logs.end_lost(stream_id, self.producers.policy.retention)
+    async def _end_if_lost(self, stream_id: str, instance: str) -> StreamInfo | None:
+        info = await self.logs.end_lost(stream_id, instance, self.producers.policy.retention)
         if info is None:
             return None
         log.warning("stream %s: the instance producing it (%s) is gone; the stream ends there", stream_id,
@@ -285,6 +285,7 @@ class Streams:
         With `reader`, the request reads the stream it gets, and is counted as its reader.
         """
         stream_id = new_stream_id()
+        self._watch_producers()
         await self.logs.create(stream_id, owner, readers=1 if reader else 0, model=str(payload.get("model")),
                                prompt_tokens=estimate_tokens(text_of(payload.get("messages") or [])))
         earlier = None
@@ -406,7 +407,7 @@ class Streams:
         info = await self.logs.info(stream_id)
         if info is None or info.ended:
             return info
-        lost = await self._end_if_lost(stream_id)  # its producer is gone: nobody to tell
+        lost = await self._end_if_lost(stream_id, info.instance)  # its producer is gone: nobody to tell
         if lost is not None:
             return lost
         await self.control.send(info.instance, "stop", stream_id)

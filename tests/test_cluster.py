@@ -17,8 +17,9 @@ from support import EventReader, blocks, chat_body, content_of
 from test_push import take
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = "key-alice:alice,key-bob:bob"
+KEYS = "key-alice:alice,key-bob:bob,key-carol:carol"
 ALICE, BOB = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer key-bob"}
+CAROL = {"Authorization": "Bearer key-carol"}
 ADMIN = {"Authorization": "Bearer admin-key"}
 
 
@@ -167,6 +168,8 @@ async def test_an_instance_that_dies_frees_what_it_held(cluster, http):
                                      headers=ALICE)).json()
     bobs = await (await http.post(f"{a}/v1/streams", json=chat_body(text, mock_token_delay=0.1),
                                   headers=BOB)).json()
+    carols = await http.post(f"{a}/v1/streams", json=chat_body(text, mock_token_delay=0.1), headers=CAROL)
+    assert carols.status == 201
     response = await http.get(f"{b}{created['url']}", headers=ALICE)
     assert response.status == 200
     reader = EventReader(response)
@@ -193,6 +196,15 @@ async def test_an_instance_that_dies_frees_what_it_held(cluster, http):
     stopped = await http.delete(f"{b}/v1/streams/{bobs['id']}", headers=BOB)
     assert stopped.status == 200 and (await stopped.json())["state"] == "failed"
 
+    # Carol's stream had no reader, and nobody asked about it: it is ended all the same, and
+    # what it consumed is recorded (by the surviving instance's sweep).
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        usage = await (await http.get(f"{b}/v1/usage", headers=CAROL)).json()
+        if [row["reason"] for row in usage["data"]] == ["producer_lost"]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, usage
+        await asyncio.sleep(0.1)
     # Alice's one slot is free again, and what her stream consumed is recorded, as an estimate.
     again = await http.post(f"{b}/v1/chat/completions", json=chat_body("again"), headers=ALICE)
     assert again.status == 200

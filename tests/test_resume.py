@@ -412,7 +412,7 @@ async def test_a_stream_over_its_event_limit_ends_with_an_error(start_gateway, h
 
 async def keys_left(gateway, retention: float) -> int:
     """What the store still holds once everything has ended and `retention` has passed (usage,
-    kept for good on purpose, and the instance's own lease aside)."""
+    kept for good on purpose, and the instances' leases and list aside)."""
     store = gateway.services.store
     if isinstance(store, MemoryStore):
         await asyncio.wait_for(store.wait_empty(), timeout=retention + 10)
@@ -422,7 +422,8 @@ async def keys_left(gateway, retention: float) -> int:
     try:
         while True:  # Redis expires keys by itself: until they are gone, or long after they should be
             keys = [key async for key in client.scan_iter(match="sse:*")]  # SCAN skips expired keys
-            left = len([key for key in keys if not key.startswith((b"sse:usage:", b"sse:lease:"))])
+            left = len([key for key in keys
+                        if not key.startswith((b"sse:usage:", b"sse:lease:")) and key != b"sse:instances"])
             if left == 0 or asyncio.get_running_loop().time() > deadline:
                 return left
             await asyncio.sleep(0.1)

@@ -126,13 +126,14 @@ class StreamLogs(abc.ABC):
                      prompt_tokens: int = 0) -> None:
         """A new, empty, PENDING stream, produced by this instance, with `readers` counted."""
 
-    def followed_elsewhere(self) -> list[str]:
-        """Streams read here whose producer runs on another instance (which may die)."""
+    async def orphans(self) -> list[tuple[str, str]]:
+        """(stream id, instance) of the streams still listed as produced by an instance whose
+        lease has lapsed (it died)."""
         return []
 
-    async def end_lost(self, stream_id: str, retention: float) -> StreamInfo | None:
-        """End a pending or running stream whose producer's instance has lost its lease (died),
-        as lost; its state then, when this call ended it (once, whichever instance asks)."""
+    async def end_lost(self, stream_id: str, instance: str, retention: float) -> StreamInfo | None:
+        """End a pending or running stream of `instance` as lost, if that instance's lease has
+        lapsed; its state then, when this call ended it (once, whichever instance asks)."""
         return None
 
     @abc.abstractmethod

@@ -55,24 +55,32 @@ end
 return #KEYS
 """
 
-# KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end, model,
-# the prompt's estimated tokens.
+# KEYS: meta, this instance's set of streams, the set of instances. ARGV: owner, instance,
+# readers already counted, lifetime until the end, model, the prompt's estimated tokens.
 _CREATE = """
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'instance', ARGV[2], 'state', 'pending', 'readers', ARGV[3],
            'model', ARGV[5], 'prompt_tokens', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('SADD', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: meta, log. ARGV: the prefix of lease keys, the retention in ms, this instance. Ends the
-# stream as lost when it is still pending or running and its producer's lease has expired.
+# KEYS: meta, log, the producer's set of streams. ARGV: the producer's lease key, the retention
+# in ms, this instance, the producer. Ends the stream as lost when it is still pending or running
+# and its producer's lease has expired; a stream no longer running leaves the producer's set.
 _END_LOST = """
 local f = redis.call('HMGET', KEYS[1], 'state', 'instance')
-if (f[1] ~= 'pending' and f[1] ~= 'running') or not f[2] then return 0 end
-if redis.call('EXISTS', ARGV[1] .. f[2]) == 1 then return 0 end
+if f[2] and f[2] ~= ARGV[4] then return 0 end
+if f[1] ~= 'pending' and f[1] ~= 'running' then
+  redis.call('SREM', KEYS[3], KEYS[1])
+  return 0
+end
+if redis.call('EXISTS', ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'lost', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], KEYS[1])
 redis.call('PUBLISH', KEYS[1], ARGV[3])
 return 1
 """
@@ -95,6 +103,7 @@ end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'start_error', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SREM', KEYS[3], KEYS[1])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
@@ -125,7 +134,6 @@ class RedisLogs(StreamLogs):
                  control: RedisControl, prefix: str, lease: Lease) -> None:
         self.instance = subscriptions.instance
         self._lease = lease
-        self._elsewhere: dict[str, int] = {}  # streams produced elsewhere, read here: watchers
         self._client = client  # redis-py: reads of streams produced elsewhere
         self._writes = writes  # the data path's connection: every write of a stream here
         self._subscriptions = subscriptions
@@ -135,6 +143,10 @@ class RedisLogs(StreamLogs):
         self._dirty: dict[str, _Produced] = {}  # streams with frames queued for the writer
         self._writer: asyncio.Task[None] | None = None
         self._written = asyncio.Event()  # set after each round trip of the writer
+
+    @property
+    def _instances(self) -> str:
+        return f"{self._prefix}instances"  # the instances that produce streams (or did, and died)
 
     def _meta(self, stream_id: str) -> str:
         return f"{self._prefix}stream:{stream_id}"
@@ -150,8 +162,8 @@ class RedisLogs(StreamLogs):
                      prompt_tokens: int = 0) -> None:
         await self._control.ready()  # a stop sent to this instance must find it listening
         await self._lease.hold()  # alive, for every instance that reads what it produces
-        await self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE,
-                         model, prompt_tokens)
+        await self._eval(_CREATE, [self._meta(stream_id), self._streams_of(self.instance), self._instances],
+                         owner, self.instance, readers, STREAM_MAX_AGE, model, prompt_tokens)
         self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
@@ -310,7 +322,8 @@ class RedisLogs(StreamLogs):
             # them yet) go in this call, ahead of the last ones: the writer skips them.
             last[:] = [*produced.queued, *frames]
             produced.queued = []
-            await self._eval(_END, [meta, self._log(stream_id)], self.instance, state.value,
+            await self._eval(_END, [meta, self._log(stream_id), self._streams_of(self.instance)], self.instance,
+                             state.value,
                              error_to_json(start_error), ms(retention), len(produced.log.frames), *last)
 
         try:
@@ -327,29 +340,43 @@ class RedisLogs(StreamLogs):
 
     @guarded
     async def watch(self, stream_id: str, wake: Wake) -> None:
-        here = stream_id in self._produced
-        await self._subscriptions.watch(self._meta(stream_id), wake, local_only=here)
-        if not here:
-            self._elsewhere[stream_id] = self._elsewhere.get(stream_id, 0) + 1
+        await self._subscriptions.watch(self._meta(stream_id), wake, local_only=stream_id in self._produced)
 
     def unwatch(self, stream_id: str, wake: Wake) -> None:
         self._subscriptions.unwatch(self._meta(stream_id), wake)
-        count = self._elsewhere.get(stream_id)
-        if count is not None:
-            if count > 1:
-                self._elsewhere[stream_id] = count - 1
-            else:
-                del self._elsewhere[stream_id]
 
-    def followed_elsewhere(self) -> list[str]:
-        return list(self._elsewhere)
+    def _streams_of(self, instance: str) -> str:
+        return f"{self._prefix}streams-of:{instance}"
 
     @guarded
-    async def end_lost(self, stream_id: str, retention: float) -> StreamInfo | None:
+    async def orphans(self) -> list[tuple[str, str]]:
+        instances = [i.decode() for i in await self._client.smembers(self._instances)]
+        others = [i for i in instances if i != self.instance]
+        if not others:
+            return []
+        found: list[tuple[str, str]] = []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for instance in others:
+                pipe.exists(self._lease.prefix + instance)
+            leases = await pipe.execute()
+        for instance, held in zip(others, leases, strict=True):
+            if held:
+                continue
+            members = await self._client.smembers(self._streams_of(instance))
+            if not members:  # nothing of it left: forget the instance
+                await self._client.srem(self._instances, instance)
+                continue
+            meta = len(self._meta(""))
+            found += [(member.decode()[meta:], instance) for member in members]
+        return found
+
+    @guarded
+    async def end_lost(self, stream_id: str, instance: str, retention: float) -> StreamInfo | None:
         if stream_id in self._produced:
             return None  # produced here: alive
-        if not await self._eval(_END_LOST, [self._meta(stream_id), self._log(stream_id)], self._lease.prefix,
-                                ms(retention), self.instance):
+        keys = [self._meta(stream_id), self._log(stream_id), self._streams_of(instance)]
+        if not await self._eval(_END_LOST, keys, self._lease.prefix + instance, ms(retention), self.instance,
+                                instance):
             return None
         self._subscriptions.wake(self._meta(stream_id))  # readers here: the message is our own
         return await self.info(stream_id)
