@@ -12,7 +12,6 @@ import contextlib
 import errno
 import gc
 import logging
-import math
 import os
 import secrets
 import signal
@@ -122,16 +121,11 @@ def listen(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) 
     """
     io_loop = IOLoop.current()
     stopped = False
-    out_of_files = {"logged": -math.inf, "pauses": 0}
+    out_of_files = logs.Throttled(log, OUT_OF_FILES_LOG_EVERY)
 
     def back_off(sock: socket.socket, handler: Callable[[int, int], None], exc: OSError) -> None:
         io_loop.remove_handler(sock)
-        out_of_files["pauses"] += 1
-        now = time.monotonic()
-        if now - out_of_files["logged"] >= OUT_OF_FILES_LOG_EVERY:
-            log.warning("cannot accept connections: %s; pausing %gs at a time (%d pauses since the last line)",
-                        exc.strerror, ACCEPT_BACKOFF, out_of_files["pauses"])
-            out_of_files.update(logged=now, pauses=0)
+        out_of_files.warning("cannot accept connections: %s; pausing %gs at a time", exc.strerror, ACCEPT_BACKOFF)
 
         def resume() -> None:
             if not stopped:

@@ -9,8 +9,8 @@ carries its own status; any other exception is a bug of ours and becomes a bare 
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import urllib.parse
 from typing import Any
 

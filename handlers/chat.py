@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-
 from sse_gateway import logs
 from sse_gateway.chat import ChatRequest, parse_chat_request, with_system_prompt
 from sse_gateway.delivery import LogDelivery

@@ -163,23 +163,14 @@ class EventWriter:
             return due
         # The heartbeat: ten thousand idle streams send one each an interval, so it is the
         # shortest path there is to the socket.
-        ping = _PING_CHUNK if self._chunked else PING
-        self.last_write = now
-        try:
-            sent = self._socket.send(ping)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the client is gone
-            self._stream.close()
+        sent = self._send(_PING_CHUNK if self._chunked else PING)
+        if self._stream.closed():  # the client is gone
             return None
         metrics = self._metrics
         metrics.heartbeats += 1
         metrics.bytes += len(PING)
-        if sent == len(ping):
-            return now + self._interval
-        self._stalled()
-        self._queue(ping[sent:])
-        return self.stalled_since + self._write_timeout  # type: ignore[operator]
+        # A full socket has put the write timeout on the deadline wheel already (_stalled).
+        return self.last_write + self._interval if sent else None
 
     def _cut_off(self) -> None:
         log.info("client too slow: no write accepted for %gs; disconnecting", self._write_timeout)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-
 from .errors import GatewayError, bad_request, load_json_body
 
 __all__ = ["ChatRequest", "parse_chat_request"]

@@ -14,7 +14,7 @@ import time
 
 import orjson
 
-__all__ = ["access", "configure_logging", "request_id", "stream_id", "user"]
+__all__ = ["Throttled", "access", "configure_logging", "request_id", "stream_id", "user"]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="-")
@@ -22,6 +22,26 @@ stream_id: contextvars.ContextVar[str] = contextvars.ContextVar("stream_id", def
 
 
 access_log = logging.getLogger("sse_gateway.access")
+
+
+class Throttled:
+    """A warning about a condition that repeats (Redis away, no file descriptors left): one line
+    per `every` seconds, saying how many more times it happened since the last one."""
+
+    def __init__(self, logger: logging.Logger, every: float) -> None:
+        self._log = logger
+        self._every = every
+        self._last = -float("inf")
+        self._held = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._held += 1
+            return
+        more = f" ({self._held} more times since the last line)" if self._held else ""
+        self._log.warning(message + more, *args)
+        self._last, self._held = now, 0
 
 
 def access(status: int, method: str, path: str, seconds: float, request: str, user: str, stream: str) -> None:

@@ -27,7 +27,6 @@ __all__ = ["PushPolicy", "UserFeed", "parse_message_id", "parse_publish"]
 _MESSAGE_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _EVENT_NAME = re.compile(r"[^\r\n\0]{1,128}")
 MAX_USER = 256
-RESUBSCRIBE_EVERY = 1.0  # seconds between a channel's attempts to subscribe while the store is away
 
 
 @dataclass(frozen=True)
@@ -71,11 +70,12 @@ class UserFeed(Delivery):
     the connection, the user's cursor moves on.
 
     While the store is away, a new channel still opens (a browser's EventSource never retries
-    after a status other than 200): it gets heartbeats, tries to subscribe again every
-    RESUBSCRIBE_EVERY seconds, and delivers from then on. Nothing can be published meanwhile.
+    after a status other than 200): it gets heartbeats, subscribes once the store is back
+    (`UserChannels.when_back`), and delivers from then on. Nothing can be published meanwhile.
     """
 
-    __slots__ = ("channels", "user", "after", "policy", "_cursor", "_watching", "_ready", "_retry", "_opened")
+    __slots__ = ("channels", "user", "after", "policy", "_cursor", "_watching", "_ready", "_retry", "_waiting",
+                 "_opened")
 
     def __init__(self, channels: UserChannels, user: str, after: str | None, policy: PushPolicy) -> None:
         super().__init__()
@@ -86,7 +86,8 @@ class UserFeed(Delivery):
         self._cursor = after
         self._watching = False
         self._ready = False  # subscribed, and where to start known
-        self._retry: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None  # subscribing again, the store being back
+        self._waiting = False  # for the store to come back
         self._opened: str | None = None  # a message id for the time it opened, when the store was away
 
     async def subscribe(self) -> None:
@@ -106,7 +107,8 @@ class UserFeed(Delivery):
             if self.after is None and self._opened is None:
                 self._opened = f"{int(time.time() * 1000)}-0"
             if not self.done:
-                self._retry = asyncio.get_running_loop().call_later(RESUBSCRIBE_EVERY, self._try_again)
+                self._waiting = True
+                self.channels.when_back(self._try_again)
             return
         self._retry = None
         self._ready = True
@@ -121,6 +123,7 @@ class UserFeed(Delivery):
         return self._opened
 
     def _try_again(self) -> None:
+        self._waiting = False
         self._retry = asyncio.ensure_future(self.subscribe())
 
     async def _fetch(self) -> tuple[bytes, bool]:
@@ -139,6 +142,9 @@ class UserFeed(Delivery):
 
     def close(self) -> None:
         super().close()
+        if self._waiting:
+            self._waiting = False
+            self.channels.forget(self._try_again)
         if self._retry is not None:  # a subscription under way may have registered the wake-up
             self._retry.cancel()
             self._retry = None

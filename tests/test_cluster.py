@@ -173,7 +173,7 @@ async def test_an_instance_that_dies_frees_what_it_held(cluster, http):
     response = await http.get(f"{b}{created['url']}", headers=ALICE)
     assert response.status == 200
     reader = EventReader(response)
-    first = await take(reader, 3)
+    await take(reader, 3)  # the stream is under way
     cluster.servers[0].proc.kill()  # SIGKILL: no drain, no goodbye
 
     try:

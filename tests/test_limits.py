@@ -170,6 +170,21 @@ class TestGlobalCaps:
         assert record.state == "cancelled"
 
 
+class TestSlotsOfLongStreams:
+    async def test_a_running_stream_keeps_renewing_its_slot(self, start_gateway, http):
+        """Slots lapse after two leases unless renewed: a stream running far longer keeps its."""
+        gateway = start_gateway(api_keys=KEYS, concurrent_streams=1, instance_lease=0.1)
+        response = await open_stream(http, gateway, "long " * 40)  # 2 s at 50 ms a token
+        reader = EventReader(response)
+        for _ in range(10):  # 0.5 s of frames: five leases
+            await reader.next_event()
+        await limited(await open_stream(http, gateway, "second"), "concurrent_streams")
+        await reader.read_all()
+        await gateway.services.streams.wait_idle(5)
+        response = await open_stream(http, gateway, "now")  # the ended stream freed its slot
+        assert content_of(await EventReader(response).read_all()) == "now"
+
+
 class TestTokensPerDayUnderABurst:
     """Tokens are reserved at admission and settled at the end, in the store: a burst of
     parallel requests cannot all pass before any has used anything, on one instance or two."""

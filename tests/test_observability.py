@@ -132,7 +132,7 @@ async def test_json_logs_carry_request_stream_and_user_and_never_a_key(programs,
 async def test_retained_bytes_are_a_metric(start_gateway, http):
     gateway = start_gateway(stream_retention_bytes=10_000_000)
     assert (await scrape(http, gateway))[("sse_retained_bytes", ())] == 0
-    _response, reader = await stream_chat(http, gateway.url, chat_body("kept for a resume"))
+    await stream_chat(http, gateway.url, chat_body("kept for a resume"))
     await gateway.services.streams.wait_idle(5)
     retained = (await scrape(http, gateway))[("sse_retained_bytes", ())]
     assert retained == gateway.services.store.logs.retained_bytes > len("kept for a resume")

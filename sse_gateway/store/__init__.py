@@ -211,6 +211,14 @@ class UserChannels(abc.ABC):
     @abc.abstractmethod
     def unwatch(self, user: str, wake: Wake) -> None: ...
 
+    def when_back(self, wake: Wake) -> None:
+        """Call `wake()` once, when the store, away now, is back (a channel opened meanwhile
+        subscribes then). A store that is never away has nothing to wait for."""
+        wake()
+
+    def forget(self, wake: Wake) -> None:
+        """Do not call `wake()` after all (its connection is gone)."""
+
     @abc.abstractmethod
     async def cursor(self, user: str) -> str | None:
         """The id of the last message delivered to any of the user's connections."""

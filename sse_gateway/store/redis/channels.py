@@ -76,8 +76,21 @@ class RedisChannels(UserChannels):
         self._cursors: dict[str, tuple[str, float]] = {}  # user -> (message id, retention) to record
         self._cursor_flush: asyncio.Task[None] | None = None
         self._closing = False
+        self._waiting: set[Wake] = set()  # channels opened while Redis was away
         subscriptions.route(f"{prefix}user:", self._received)
-        subscriptions.on_back(self._refresh_all)
+        subscriptions.on_back(self._back)
+
+    def _back(self) -> None:
+        self._refresh_all()
+        waiting, self._waiting = self._waiting, set()
+        for wake in waiting:
+            wake()
+
+    def when_back(self, wake: Wake) -> None:
+        self._waiting.add(wake)
+
+    def forget(self, wake: Wake) -> None:
+        self._waiting.discard(wake)
 
     def _events(self, user: str) -> str:
         return f"{self._prefix}user:{user}:events"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import GatewayError
+from ...logs import Throttled
 from .. import StoreUnavailable
 
 __all__ = ["UNREACHABLE", "connect", "error_from_json", "error_to_json", "guarded", "ms", "outage"]
@@ -47,22 +46,13 @@ def connect(url: str) -> Any:
 
 
 class _OutageLog:
-    """One line per WARN_EVERY seconds while Redis is away, however many calls fail meanwhile."""
-
-    WARN_EVERY = 10.0
+    """One line per 10 s while Redis is away, however many calls fail meanwhile."""
 
     def __init__(self) -> None:
-        self._last = -math.inf
-        self._held = 0
+        self._throttled = Throttled(log, 10.0)
 
     def warn(self, exc: BaseException, what: str = "") -> None:
-        now = time.monotonic()
-        if now - self._last < self.WARN_EVERY:
-            self._held += 1
-            return
-        more = f" ({self._held} more failed calls since the last line)" if self._held else ""
-        log.warning("redis unavailable: %s%s%s", exc.__class__.__name__, what, more)
-        self._last, self._held = now, 0
+        self._throttled.warning("redis unavailable: %s%s", exc.__class__.__name__, what)
 
 
 outage = _OutageLog()
