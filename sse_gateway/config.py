@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,10 +134,19 @@ def parse_upstream_url(value: str) -> str:
 
 
 def _secret_url(value: str) -> str:
-    """A redis://, rediss:// or unix:// URL (it may hold a password: never echoed)."""
+    """A redis://, rediss:// or unix:// URL, or redis+cluster://host:port[,host:port…] for a Redis
+    Cluster (it may hold a password: never echoed)."""
     url = _read_secret(value)
-    if urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise argparse.ArgumentTypeError("the Redis URL must start with redis://, rediss:// or unix://")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise argparse.ArgumentTypeError(
+            "the Redis URL must start with redis://, rediss://, unix:// or redis+cluster://")
+    if parts.scheme.endswith("+cluster"):
+        for seed in parts.netloc.rpartition("@")[2].split(","):
+            if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\[\]]+):[0-9]{1,5}", seed.strip()):
+                raise argparse.ArgumentTypeError("a Redis Cluster URL lists its seed nodes as host:port[,host:port…]")
+        if parts.path.strip("/") not in ("", "0"):
+            raise argparse.ArgumentTypeError("a Redis Cluster has no databases but 0")
     return url
 
 
@@ -227,7 +237,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "port": (_port, "TCP port to listen on (0 picks a free one)"),
     "upstream-url": (parse_upstream_url, "OpenAI-compatible base URL ending in /v1; unset: built-in mock model"),
     "upstream-api-key": (_read_secret, "key sent to the upstream as a Bearer token (or @file)"),
-    "redis-url": (_secret_url, "redis:// URL for shared state, as several instances need; unset: in-memory"),
+    "redis-url": (_secret_url, "redis:// URL (or redis+cluster://host:port[,host:port…] for a Redis Cluster) for shared state, as several instances need; unset: in-memory"),
     "api-keys": (parse_api_keys, "client keys as key:user,key:user (or @file); unset: open dev mode"),
     "admin-keys": (parse_admin_keys, "admin keys, comma-separated (or @file)"),
     "cors-origins": (parse_origins, "browser origins allowed to call the API, comma-separated"),

@@ -184,8 +184,9 @@ class UsageBook(abc.ABC):
             self._sleeping = False
 
     @abc.abstractmethod
-    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
-        """Add these totals to the database."""
+    async def _write(self, batch: dict[_Key, UsageRow]) -> None:
+        """Add these totals to the database. A writer that can fail part-way removes from
+        `batch` what it wrote, so that only the rest is put back and tried again."""
 
     @abc.abstractmethod
     async def _rows(self, user: str) -> list[UsageRow]:
@@ -253,7 +254,7 @@ class SqliteUsageBook(UsageBook):
                 self._db = db
         return self._db
 
-    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
+    async def _write(self, batch: dict[_Key, UsageRow]) -> None:
         db = await self._connection()
         await db.executemany(
             "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, date, model, reason) DO UPDATE SET"
@@ -281,6 +282,12 @@ class SqliteUsageBook(UsageBook):
                 self._db = None
 
 
+_ADD_USAGE = """
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 class RedisUsageBook(UsageBook):
     """A hash per user in the shared Redis: every instance adds to the same totals."""
 
@@ -290,17 +297,43 @@ class RedisUsageBook(UsageBook):
         super().__init__(spill)
         self._client = client
         self._prefix = prefix
+        from .store.redis.connection import (
+            Script,  # only deployments with Redis load redis-py
+        )
+
+        self._add = Script(client, _ADD_USAGE)
 
     def _key(self, user: str) -> str:
         return f"{self._prefix}usage:{user}"
 
-    async def _write(self, batch: Mapping[_Key, UsageRow]) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            for (user, *_), row in batch.items():
-                base = f"{row.date}\t{row.model}\t{row.reason}"
-                for name in self._FIELDS:
-                    pipe.hincrby(self._key(user), f"{base}\t{name}", getattr(row, name))
-            await pipe.execute()
+    async def _write(self, batch: dict[_Key, UsageRow]) -> None:
+        # One script per user (one key, so one slot of a cluster): a user's rows are added all
+        # at once or not at all, and the users written leave the batch even if another fails.
+        by_user: dict[str, list[_Key]] = defaultdict(list)
+        for key in batch:
+            by_user[key[0]].append(key)
+        users = list(by_user)
+        results = await asyncio.gather(*(self._add(keys=[self._key(user)], args=self._fields(batch, by_user[user]))
+                                         for user in users), return_exceptions=True)
+        failure: BaseException | None = None
+        for user, result in zip(users, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result
+            else:
+                for key in by_user[user]:
+                    del batch[key]
+        if failure is not None:
+            raise failure
+
+    def _fields(self, batch: dict[_Key, UsageRow], keys: list[_Key]) -> list[Any]:
+        """HINCRBY's field, amount pairs for these rows of one user."""
+        args: list[Any] = []
+        for key in keys:
+            row = batch[key]
+            base = f"{row.date}\t{row.model}\t{row.reason}"
+            for name in self._FIELDS:
+                args += [f"{base}\t{name}", getattr(row, name)]
+        return args
 
     async def _rows(self, user: str) -> list[UsageRow]:
         fields = await self._client.hgetall(self._key(user))

@@ -4,6 +4,8 @@
 - `start_gateway(**settings)`: the gateway's real Tornado HTTP server (as `make_app` and
   `make_server` build it for production), pointed at the mock model unless told otherwise.
 - `http`: an aiohttp client session for the test.
+- `redis_url`: a real redis-server, and (the same tests again) a real three-master Redis Cluster
+  of redis-server processes joined with `redis-cli --cluster create`; emptied for each test.
 
 Everything runs on pytest-tornasync's per-test IOLoop; async tests run on it too.
 """
@@ -62,11 +64,14 @@ def mock_model(io_loop) -> Iterator[MockModel]:
 
 class RedisServer:
     """A real redis-server on a free port, in its own folder, with append-only persistence
-    fsynced on every write (so that anything acknowledged survives a kill)."""
+    fsynced on every write (so that anything acknowledged survives a kill). `cluster`: a node of
+    a Redis Cluster (its bus on a second free port)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cluster: bool = False) -> None:
         self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.port = 0
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,12 +79,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        cluster_args: list[str] = []
         if not self.port:
             sock, self.port = bind_unused_port()
             sock.close()
+        if self.cluster:
+            # Without full coverage, the shards that are up serve their slots while one is down.
+            bus, bus_port = bind_unused_port()
+            bus.close()
+            cluster_args = ["--cluster-enabled", "yes", "--cluster-port", str(bus_port), "--cluster-config-file",
+                            "nodes.conf", "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "notice"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "notice", *cluster_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         assert self.proc.stdout is not None
@@ -102,6 +114,80 @@ class RedisServer:
             client.flushall()
 
 
+class RedisClusterServers:
+    """A real Redis Cluster: `masters` redis-server processes (each with `replicas` replicas) on
+    free loopback ports, joined with `redis-cli --cluster create`."""
+
+    def __init__(self, folder: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer(folder / f"node{i}", cluster=True) for i in range(masters * (1 + replicas))]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, timeout=60,
+        )
+        self.wait_until_ok(self.nodes)
+        return self
+
+    def wait_until_ok(self, nodes: list[RedisServer], timeout: float = 60) -> None:
+        """Until every node says the cluster is ok and all slots are served (gossip converges)."""
+        import time
+
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            with redis.Redis(port=node.port) as client:
+                while True:
+                    info = client.cluster("info")
+                    if info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384:
+                        break
+                    assert time.monotonic() < deadline, f"cluster not ok: {info}"
+                    time.sleep(0.05)
+
+    def masters(self) -> list[RedisServer]:
+        import redis
+
+        found = []
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with redis.Redis(port=node.port) as client:
+                if client.info("replication")["role"] == "master":
+                    found.append(node)
+        return found
+
+    def owner(self, key: str) -> RedisServer:
+        """The master that serves `key`'s slot."""
+        import redis
+
+        with redis.Redis(port=self.masters()[0].port) as client:
+            slot = client.cluster("keyslot", key)
+            for start, end, primary, *_replicas in client.cluster("slots"):
+                if start <= slot <= end:
+                    port = int(primary[1])
+        return next(node for node in self.nodes if node.port == port)
+
+    def flush(self) -> None:
+        import redis
+
+        for node in self.masters():
+            with redis.Redis(port=node.port) as client:
+                client.flushall()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
@@ -109,29 +195,42 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server.kill()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The shared test Redis, emptied for this test."""
-    redis_server.flush()
-    return redis_server.url
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield servers
+    servers.kill()
+
+
+def store_url(request, kind: str) -> str:
+    """The URL of a shared test store, emptied: "redis" one Redis, "cluster" a Redis Cluster."""
+    servers = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster")
+    servers.flush()
+    return servers.url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_url(request) -> str:
+    """The shared test store, emptied for this test: one Redis, then a Redis Cluster."""
+    return store_url(request, request.param)
 
 
 @pytest.fixture
 def backend() -> str:
-    """The store behind the gateways of a test; modules parametrize it over memory and redis."""
+    """The store behind the gateways of a test; modules parametrize it over memory, redis and cluster."""
     return "memory"
 
 
 @pytest.fixture
 def start_gateway(io_loop, mock_model: MockModel, backend: str, request, tmp_path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
-    store_url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    shared_url = store_url(request, backend) if backend != "memory" else None
 
     def start(**overrides: Any) -> Gateway:
         fields: dict[str, Any] = {
             "upstream_url": mock_model.base_url,
             "mock_token_delay": 0.0,
-            "redis_url": store_url,
+            "redis_url": shared_url,
             "usage_db": str(tmp_path / f"usage{len(started)}.sqlite3"),
         }
         fields.update(overrides)

@@ -147,3 +147,21 @@ class Process:
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+
+async def node_client(url: str, key: str) -> Any:
+    """A plain redis-py client on the node that holds `key` (on a cluster, the master of its
+    slot): for what is local to a node, such as keyspace notifications."""
+    import redis.asyncio
+
+    from sse_gateway.store.redis.connection import connect, is_cluster, node_url
+
+    if not is_cluster(url):
+        return redis.asyncio.Redis.from_url(url)
+    cluster = connect(url)
+    try:
+        await cluster.initialize()
+        node = cluster.get_node_from_key(key)
+        return redis.asyncio.Redis.from_url(node_url(url, node.host, int(node.port)))
+    finally:
+        await cluster.aclose()

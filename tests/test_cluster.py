@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis.asyncio
-from support import EventReader, blocks, chat_body, content_of
+from support import EventReader, blocks, chat_body, content_of, node_client
 from test_push import take
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +121,8 @@ async def test_a_stream_nobody_reads_anywhere_is_cancelled(cluster, http, mock_m
 
 async def wait_for_cursor(redis_url: str, user: str, message_id: str) -> None:
     """Until the user's push cursor is recorded as `message_id` (told by keyspace notifications)."""
-    client = redis.asyncio.Redis.from_url(redis_url)
-    key = f"sse:user:{user}:cursor"
+    key = f"sse:{{user:{user}}}:cursor"
+    client = await node_client(redis_url, key)
     try:
         await client.config_set("notify-keyspace-events", "K$")
         async with client.pubsub() as pubsub:

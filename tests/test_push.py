@@ -15,7 +15,7 @@ ALICE, BOB = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer ke
 ADMIN = {"Authorization": "Bearer admin-key"}
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request) -> str:
     return request.param
 

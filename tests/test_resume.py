@@ -7,15 +7,15 @@ import json
 import random
 
 import pytest
-import redis.asyncio
 from support import EventReader, chat_body, content_of, stream_chat
 from test_errors import error_of
 
 from sse_gateway.decoder import ServerSentEvent
 from sse_gateway.store.memory import MemoryStore
+from sse_gateway.store.redis.connection import connect
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request) -> str:
     """Every contract test of resumable streams runs against both stores."""
     return request.param
@@ -417,7 +417,7 @@ async def keys_left(gateway, retention: float) -> int:
     if isinstance(store, MemoryStore):
         await asyncio.wait_for(store.wait_empty(), timeout=retention + 10)
         return len(store)
-    client = redis.asyncio.Redis.from_url(gateway.settings.redis_url)
+    client = connect(gateway.settings.redis_url)  # one Redis, or every node of a cluster
     deadline = asyncio.get_running_loop().time() + retention + 10
     try:
         while True:  # Redis expires keys by itself: until they are gone, or long after they should be

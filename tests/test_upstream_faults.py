@@ -120,7 +120,7 @@ async def test_silence_between_chunks_is_an_error_frame(start_gateway, http):
     assert len(reader.events) == 3  # the role chunk, then the error, then [DONE]
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster"])
 @pytest.mark.parametrize("fail_after", [1, 3])
 async def test_drop_after_n_chunks_is_an_error_frame(gateway, http, fail_after):
     """The chunks that came before the reset are all relayed, on both stores."""
@@ -211,7 +211,7 @@ async def test_long_upstream_lines_are_relayed_whole(start_gateway, http, script
     assert content_of(reader.events) == long_text
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster"])
 async def test_a_whole_answer_in_one_read_while_the_store_is_behind(start_gateway, http):
     """The upstream sends its whole response (head, more frames than the store takes before it
     asks the producer to pause, and the end of the body) in one write: the body has ended when

@@ -10,23 +10,28 @@ Every key is under the `sse:` prefix. The parts, each in its module:
 - `control`: messages to one instance (`sse:instance:<id>`);
 - `listener`: the one pub/sub connection, which only ever says "look again";
 - `connection`: the client and its pool, and how failures become 503s;
-- `pipeline`: the connection the data path writes with (auto-pipelined, hiredis).
+- `pipeline`: the connection the data path writes with (auto-pipelined, hiredis), one per
+  shard on a cluster.
+
+`redis://` names one Redis; `redis+cluster://host:port[,…]` a Redis Cluster (connection.py): the
+same keys, with hash tags that keep what one script touches on one slot, and sharded pub/sub.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 from .. import Store, StoreUnavailable
 from .channels import RedisChannels
-from .connection import connect, guarded
+from .connection import connect, guarded, is_cluster
 from .control import RedisControl
 from .keys import RedisCounters, RedisKeys
 from .lease import Lease
 from .listener import Subscriptions
 from .logs import RedisLogs
-from .pipeline import PipelinedConnection
+from .pipeline import ClusterWrites, PipelinedConnection, Writes
 
 __all__ = ["RedisStore"]
 
@@ -35,19 +40,28 @@ class RedisStore(Store):
     def __init__(self, url: str, prefix: str = "sse:", lease: float = 10.0) -> None:
         self.instance = secrets.token_hex(6)
         self.client: Any = connect(url)  # the process's one pool, for other parts that keep data in Redis
-        self.subscriptions = Subscriptions(self.client, self.instance)
-        self.control = RedisControl(self.client, self.subscriptions, prefix)
-        self.writes = PipelinedConnection(url)
+        self.cluster = is_cluster(url)
+        publish = "SPUBLISH" if self.cluster else "PUBLISH"
+        self.subscriptions = Subscriptions(self.client, self.instance, url if self.cluster else None)
+        self.control = RedisControl(self.client, self.subscriptions, prefix, sharded=self.cluster)
+        self.writes: Writes = ClusterWrites(url, self.client) if self.cluster else PipelinedConnection(url)
         self.lease = Lease(self.client, self.instance, prefix, lease)
-        self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix, self.lease)
-        self.channels = RedisChannels(self.client, self.subscriptions, prefix)
+        self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix, self.lease, publish)
+        self.channels = RedisChannels(self.client, self.subscriptions, prefix, publish)
         self.keys = RedisKeys(self.client, prefix)
         self.counters = RedisCounters(self.client, prefix)
 
     @guarded
     async def ping(self) -> None:
         """Both connections work: commands, and the pub/sub that carries wake-ups."""
-        await self.client.ping()
+        if self.cluster:  # any shard that answers: one that is down fails only what lives on it
+            await self.client.initialize()
+            replies = await asyncio.gather(*(self.client.ping(target_nodes=node)
+                                             for node in self.client.get_primaries()), return_exceptions=True)
+            if all(isinstance(reply, BaseException) for reply in replies):
+                raise StoreUnavailable()
+        else:
+            await self.client.ping()
         if not await self.subscriptions.usable():
             raise StoreUnavailable()
 

@@ -1,9 +1,10 @@
 """Push messages to users on Redis (DESIGN.md §4.3).
 
-    sse:user:<user>:events     Redis Stream of push messages (ids from Redis: unique, increasing),
+    sse:{user:<user>}:events   Redis Stream of push messages (ids from Redis: unique, increasing),
                                fields `e` (event name) and `d` (JSON data), trimmed by age and count
-    sse:user:<user>:cursor     id of the last message delivered to any of the user's connections
-    sse:user:<user>            the pub/sub channel that says the user has a new message
+    sse:{user:<user>}:cursor   id of the last message delivered to any of the user's connections
+    sse:{user:<user>}          the pub/sub channel that says the user has a new message (sharded
+                               pub/sub on a cluster); the hash tag keeps all three on one slot
 
 Each user with connections here has one cache of new messages, filled by one XRANGE per wake-up
 and shared by all of that user's local connections, so that a message fans out to a thousand
@@ -22,7 +23,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .. import READ_BATCH, Message, UserChannels, Wake, message_id_key, newer_than
-from .connection import UNREACHABLE, guarded, ms
+from .connection import UNREACHABLE, Script, guarded, ms
 from .listener import Subscriptions
 
 __all__ = ["RedisChannels"]
@@ -30,6 +31,16 @@ __all__ = ["RedisChannels"]
 log = logging.getLogger("sse_gateway.store")
 
 CURSOR_RETRY = 0.5  # seconds between attempts to record push cursors while Redis is away
+
+# KEYS: the user's events. ARGV: event, data, the count cap, the oldest id kept, the retention in
+# ms, the user's channel, the publish command (PUBLISH, or SPUBLISH on a cluster), this instance.
+_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2])
+redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call(ARGV[7], ARGV[6], ARGV[8])
+return id
+"""
 
 _ADVANCE_CURSOR = """
 local function parts(id)
@@ -65,19 +76,21 @@ class _UserCache:
 
 
 class RedisChannels(UserChannels):
-    def __init__(self, client: Any, subscriptions: Subscriptions, prefix: str) -> None:
+    def __init__(self, client: Any, subscriptions: Subscriptions, prefix: str, publish: str = "PUBLISH") -> None:
         self._client = client
         self._subscriptions = subscriptions
         self._prefix = prefix
         self.instance = subscriptions.instance
-        self._advance_cursor = client.register_script(_ADVANCE_CURSOR)
+        self._publish_command = publish  # PUBLISH, or SPUBLISH on a cluster
+        self._publish = Script(client, _PUBLISH)
+        self._advance_cursor = Script(client, _ADVANCE_CURSOR)
         self._users: dict[str, _UserCache] = {}  # users with connections here
         self._keep = 1000  # messages a user cache holds, at most (publish() passes the real cap)
         self._cursors: dict[str, tuple[str, float]] = {}  # user -> (message id, retention) to record
         self._cursor_flush: asyncio.Task[None] | None = None
         self._closing = False
         self._waiting: set[Wake] = set()  # channels opened while Redis was away
-        subscriptions.route(f"{prefix}user:", self._received)
+        subscriptions.route(f"{prefix}{{user:", self._received)
         subscriptions.on_back(self._back)
 
     def _back(self) -> None:
@@ -93,18 +106,18 @@ class RedisChannels(UserChannels):
         self._waiting.discard(wake)
 
     def _events(self, user: str) -> str:
-        return f"{self._prefix}user:{user}:events"
+        return f"{self._prefix}{{user:{user}}}:events"
 
     def _channel(self, user: str) -> str:
-        return f"{self._prefix}user:{user}"
+        return f"{self._prefix}{{user:{user}}}"
 
     def _cursor_key(self, user: str) -> str:
-        return f"{self._prefix}user:{user}:cursor"
+        return f"{self._prefix}{{user:{user}}}:cursor"
 
     def _received(self, channel: str, data: bytes) -> None:
         if data == self.instance.encode():
             return  # published here: publish() refreshed the cache
-        user = channel[len(self._prefix) + len("user:"):]
+        user = channel[len(self._prefix) + len("{user:"):-1]
         if user in self._users:
             self._subscriptions.spawn(self._refresh(user))
         else:
@@ -119,14 +132,10 @@ class RedisChannels(UserChannels):
         key = self._events(user)
         oldest = f"{int((time.time() - retention) * 1000)}-0"
         self._keep = keep
-        async with self._client.pipeline(transaction=True) as pipe:
-            # The count cap is exact (a user gets at most `keep` old messages); the age trim may
-            # be approximate, as reads filter by age anyway.
-            pipe.xadd(key, {"e": event, "d": data}, maxlen=keep, approximate=False)
-            pipe.xtrim(key, minid=oldest, approximate=True)
-            pipe.pexpire(key, ms(retention))
-            pipe.publish(self._channel(user), self.instance)
-            message_id, *_ = await pipe.execute()
+        # The count cap is exact (a user gets at most `keep` old messages); the age trim may be
+        # approximate, as reads filter by age anyway.
+        message_id = await self._publish(keys=[key], args=[event, data, keep, oldest, ms(retention), self._channel(user),
+                                                           self._publish_command, self.instance])
         if user in self._users:
             self._subscriptions.spawn(self._refresh(user))
         return message_id.decode()
@@ -214,14 +223,18 @@ class RedisChannels(UserChannels):
         try:
             # Entries stay in _cursors until written, so that cursor() sees them meanwhile.
             writing = dict(self._cursors)
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user, (message_id, retention) in writing.items():
-                    await self._advance_cursor(keys=[self._cursor_key(user)],
-                                               args=[message_id, ms(retention)], client=pipe)  # queued
-                await pipe.execute()
-            for user, entry in writing.items():
-                if self._cursors.get(user) == entry:
+            results = await asyncio.gather(*(
+                self._advance_cursor(keys=[self._cursor_key(user)], args=[message_id, ms(retention)])
+                for user, (message_id, retention) in writing.items()
+            ), return_exceptions=True)  # concurrent, on the pool (one slot per user on a cluster)
+            failure: BaseException | None = None
+            for (user, entry), result in zip(writing.items(), results, strict=True):
+                if isinstance(result, BaseException):
+                    failure = failure or result
+                elif self._cursors.get(user) == entry:
                     del self._cursors[user]
+            if failure is not None:
+                raise failure
         except UNREACHABLE:
             log.warning("redis unavailable: push cursors not recorded yet")
             await asyncio.sleep(CURSOR_RETRY)

@@ -13,12 +13,13 @@ __all__ = ["RedisControl"]
 
 
 class RedisControl(ControlBus):
-    def __init__(self, client: object, subscriptions: Subscriptions, prefix: str) -> None:
+    def __init__(self, client: object, subscriptions: Subscriptions, prefix: str, sharded: bool = False) -> None:
         self.instance = subscriptions.instance
         self._client = client
         self._subscriptions = subscriptions
         self._channel = f"{prefix}instance:{self.instance}"
         self._prefix = prefix
+        self._sharded = sharded  # a cluster: sharded pub/sub, the message goes to the channel's shard only
         self._handler: Callable[[str, str], None] | None = None
         self._ready: asyncio.Future[None] | None = None
         subscriptions.route(self._channel, self._received)
@@ -42,4 +43,5 @@ class RedisControl(ControlBus):
         if instance == self.instance and self._handler is not None:
             self._handler(verb, stream_id)
         else:
-            await self._client.publish(f"{self._prefix}instance:{instance}", f"{verb} {stream_id}")  # type: ignore[attr-defined]
+            publish = self._client.spublish if self._sharded else self._client.publish  # type: ignore[attr-defined]
+            await publish(f"{self._prefix}instance:{instance}", f"{verb} {stream_id}")

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .. import Counters, Keys
-from .connection import guarded, ms
+from .connection import Script, guarded, ms
 
 __all__ = ["RedisCounters", "RedisKeys"]
 
@@ -71,9 +71,9 @@ class RedisCounters(Counters):
     def __init__(self, client: Any, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
-        self._count_event = client.register_script(_COUNT_EVENT)
-        self._take_slot = client.register_script(_TAKE_SLOT)
-        self._add = client.register_script(_ADD)
+        self._count_event = Script(client, _COUNT_EVENT)
+        self._take_slot = Script(client, _TAKE_SLOT)
+        self._add = Script(client, _ADD)
 
     @guarded
     async def count_event(self, key: str, window: float) -> tuple[int, float]:

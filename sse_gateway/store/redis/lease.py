@@ -3,7 +3,9 @@ what it held).
 
 An instance that produces streams holds `sse:lease:<instance>`, which expires `lease` seconds
 after its last refresh; it refreshes it every third of that. Once the key has expired, the
-instance is taken for dead, and any other instance may end its streams (logs.end_lost).
+instance is taken for dead, and any other instance may end its streams (logs.end_lost). Each
+refresh also lists the instance in `sse:instances`, where the others look for dead ones (and
+from where they drop an instance once nothing of it is left).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Lease:
         self._client = client
         self.key = f"{prefix}lease:{instance}"
         self.prefix = f"{prefix}lease:"
+        self._instance = instance
+        self._instances = f"{prefix}instances"
         self.seconds = seconds
         self._task: asyncio.Task[None] | None = None
         self._taken: asyncio.Future[Any] | None = None  # the first SET, which every creator awaits
@@ -33,7 +37,7 @@ class Lease:
     async def hold(self) -> None:
         """Take the lease now (before the first stream this instance produces), and keep it."""
         if self._taken is None:
-            self._taken = asyncio.ensure_future(self._client.set(self.key, b"1", px=ms(self.seconds)))
+            self._taken = asyncio.ensure_future(self._renew())
         taken = self._taken
         try:
             await asyncio.shield(taken)
@@ -42,7 +46,7 @@ class Lease:
                 self._taken = None  # the next stream tries again
             raise
         if not self._fresh:  # the last renewal failed (Redis was away): renew before a new stream
-            await self._client.set(self.key, b"1", px=ms(self.seconds))
+            await self._renew()
             self._fresh = True
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._refresh())
@@ -51,11 +55,17 @@ class Lease:
         while True:
             await asyncio.sleep(self.seconds / 3)
             try:
-                await self._client.set(self.key, b"1", px=ms(self.seconds))
+                await self._renew()
                 self._fresh = True
             except UNREACHABLE as exc:
                 self._fresh = False
                 outage.warn(exc, "; the instance lease is not refreshed")
+
+    async def _renew(self) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:  # the two keys may be on two shards
+            pipe.set(self.key, b"1", px=ms(self.seconds))
+            pipe.sadd(self._instances, self._instance)
+            await pipe.execute()
 
     async def close(self) -> None:
         """Give the lease up: this instance's streams have ended (or are being ended)."""

@@ -5,6 +5,10 @@ again"; an instance's channel carries control messages to it. Readers always rea
 position, so a wake-up lost during a reconnect costs latency, never a frame: once the connection
 is back, every local waiter is woken to look again.
 
+On a Redis Cluster, wake-ups use sharded pub/sub (SSUBSCRIBE/SPUBLISH): a message goes only to the
+shard that owns its channel's slot (the stream's or the user's, by their hash tags), not to every
+node. `ShardedListener` holds one such connection per shard that has a channel wanted here.
+
 `Subscriptions` keeps one Redis subscription per channel however many wait on it here (in the
 shared wake-up registry), and routes messages: a channel with a route of its own (the control
 channel, user channels) goes there; for any other, a change this instance made itself (its
@@ -19,12 +23,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .. import StoreUnavailable, Wake
 from ..local import Wakeups
+from .connection import UNREACHABLE, node_url
 
-__all__ = ["Listener", "Subscriptions"]
+__all__ = ["Listener", "ShardedListener", "Subscriptions"]
 
 log = logging.getLogger("sse_gateway.store")
 
@@ -36,8 +42,9 @@ class Listener:
     """The process's one pub/sub connection: confirmed subscriptions, reconnection, dispatch."""
 
     def __init__(self, client: Any, on_message: Callable[[str, bytes], None],
-                 on_lost: Callable[[], None], on_back: Callable[[], None]) -> None:
+                 on_lost: Callable[[], None], on_back: Callable[[], None], *, sharded: bool = False) -> None:
         self._pubsub = client.pubsub()
+        self._sharded = sharded  # SSUBSCRIBE, on a cluster node
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_back = on_back
@@ -70,7 +77,10 @@ class Listener:
         self._confirmations.setdefault(channel, []).append(confirmed)
         try:
             async with self._lock:
-                await self._pubsub.subscribe(channel)
+                if self._sharded:
+                    await self._pubsub.ssubscribe(channel)
+                else:
+                    await self._pubsub.subscribe(channel)
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-listener")
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
@@ -83,7 +93,10 @@ class Listener:
     async def unsubscribe(self, channel: str) -> None:
         try:
             async with self._lock:
-                await self._pubsub.unsubscribe(channel)
+                if self._sharded:
+                    await self._pubsub.sunsubscribe(channel)
+                else:
+                    await self._pubsub.unsubscribe(channel)
         except (RedisError, OSError):
             pass  # a reconnect re-subscribes only what is still wanted
 
@@ -117,11 +130,12 @@ class Listener:
             if message is None:
                 continue
             channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
-            if message["type"] == "subscribe":
+            kind = message["type"]
+            if kind in ("subscribe", "ssubscribe"):
                 for future in self._confirmations.pop(channel, []):
                     if not future.done():
                         future.set_result(None)
-            elif message["type"] == "message":
+            elif kind in ("message", "smessage"):
                 self._on_message(channel, message["data"])
 
     def _attempted(self, success: bool) -> None:
@@ -143,13 +157,96 @@ class Listener:
         await self._pubsub.aclose()
 
 
+class ShardedListener:
+    """Pub/sub on a Redis Cluster: one sharded `Listener` per primary that owns a channel wanted
+    here. When a shard's connection is lost, the slot map is read again and its channels move
+    to their owners now (a replica promoted by a failover)."""
+
+    def __init__(self, cluster: Any, url: str, on_message: Callable[[str, bytes], None],
+                 on_lost: Callable[[], None], on_back: Callable[[], None]) -> None:
+        self._cluster = cluster
+        self._url = url
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._on_back = on_back
+        self._listeners: dict[tuple[str, int], tuple[Any, Listener]] = {}  # node -> its client, listener
+        self._where: dict[str, Listener] = {}  # channel -> the listener subscribed to it
+        self._moving: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return all(listener.healthy for _client, listener in self._listeners.values())
+
+    async def _owner(self, channel: str) -> Listener:
+        await self._cluster.initialize()  # reads the slot map the first time only
+        node = self._cluster.get_node_from_key(channel)
+        address = (node.host, int(node.port))
+        if address not in self._listeners:
+            client = aioredis.Redis.from_url(node_url(self._url, *address), socket_connect_timeout=2,
+                                             socket_timeout=None, max_connections=2)
+            self._listeners[address] = (client, Listener(client, self._on_message, self._lost, self._on_back,
+                                                         sharded=True))
+        return self._listeners[address][1]
+
+    async def usable(self) -> bool:
+        """True while any shard's connection works (or none is open yet): a shard that is down
+        fails only the channels that live on it."""
+        listeners = [listener for _client, listener in list(self._listeners.values())]
+        return not listeners or any(await asyncio.gather(*(listener.usable() for listener in listeners)))
+
+    async def subscribe(self, channel: str) -> None:
+        try:
+            listener = await self._owner(channel)
+        except UNREACHABLE:
+            raise StoreUnavailable() from None
+        await listener.subscribe(channel)
+        self._where[channel] = listener
+
+    async def unsubscribe(self, channel: str) -> None:
+        listener = self._where.pop(channel, None)
+        if listener is not None:
+            await listener.unsubscribe(channel)
+
+    def _lost(self) -> None:
+        self._on_lost()
+        if self._moving is None:
+            self._moving = asyncio.ensure_future(self._move())
+
+    async def _move(self) -> None:
+        """Channels whose slot has a new owner are subscribed there; their waiters look again."""
+        try:
+            await self._cluster.nodes_manager.initialize()
+            moved = False
+            for channel, listener in list(self._where.items()):
+                owner = await self._owner(channel)
+                if owner is not listener:
+                    await listener.unsubscribe(channel)
+                    await owner.subscribe(channel)
+                    self._where[channel] = owner
+                    moved = True
+            if moved:
+                self._on_back()
+        except (*UNREACHABLE, RedisError, StoreUnavailable):
+            pass  # no new owner yet: the lost connection keeps retrying, and so does the next loss
+        finally:
+            self._moving = None
+
+    async def close(self) -> None:
+        if self._moving is not None:
+            self._moving.cancel()
+            await asyncio.gather(self._moving, return_exceptions=True)
+        for client, listener in self._listeners.values():
+            await listener.close()
+            await client.aclose()
+
+
 Route = Callable[[str, bytes], None]
 
 
 class Subscriptions:
     """Local wake-ups for Redis channels, over the one pub/sub connection."""
 
-    def __init__(self, client: Any, instance: str) -> None:
+    def __init__(self, client: Any, instance: str, cluster_url: str | None = None) -> None:
         self.instance = instance
         self._own = instance.encode()
         self._wakeups = Wakeups()
@@ -157,7 +254,11 @@ class Subscriptions:
         self._routes: list[tuple[str, Route]] = []
         self._on_back: list[Callable[[], None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self.listener = Listener(client, self._dispatch, self.wake_all, self._back)
+        self.listener: Listener | ShardedListener
+        if cluster_url is None:
+            self.listener = Listener(client, self._dispatch, self.wake_all, self._back)
+        else:
+            self.listener = ShardedListener(client, cluster_url, self._dispatch, self.wake_all, self._back)
 
     def route(self, prefix: str, handler: Route) -> None:
         """Messages on channels starting with `prefix` go to `handler(channel, data)`."""

@@ -1,22 +1,30 @@
 """Stream logs on Redis, written once and read by every instance (DESIGN.md §4.2).
 
-    sse:stream:<id>            hash: owner, instance, state, start_error, readers
-    sse:stream:<id>:log        Redis Stream; entry `<seq>-0` holds frame number seq in field `f`,
+    sse:{stream:<id>}          hash: owner, instance, state, start_error, readers
+    sse:{stream:<id>}:log      Redis Stream; entry `<seq>-0` holds frame number seq in field `f`,
                                so "the frames after position k" is `XRANGE (k-0 +`
-    sse:stream:<id>            also the pub/sub channel that says the stream changed
+    sse:{stream:<id>}          also the pub/sub channel that says the stream changed (sharded
+                               pub/sub on a cluster: the channel lives on the stream's shard)
+    sse:streams-of:<instance>  the ids of the streams an instance produces, for the sweep of a
+                               dead instance's streams; `sse:instances` the instances that have one
+
+The hash tag `{stream:<id>}` puts a stream's keys and channel on one slot of a Redis Cluster, so
+each script below touches one slot (the sets of an instance are written beside, not in them).
 
 The streams this instance produces are also held here as `LocalLog`s: their local readers (most
 readers) never read from Redis, and get each frame pushed to them once Redis has it, so that a
 frame a client has is one any instance can resume after. One writer per process commits what
-every stream here has appended since its last write, with one script call (one round trip, one
-command for any number of streams and frames): under load, the cost of a round trip is shared
-by all the frames written in it, so the cost per frame falls as the load rises. A producer is
+every stream here has appended since its last write, in one round trip: one script call for any
+number of streams and frames on one Redis, one per stream (per slot) on a cluster, pipelined to
+each shard. Under load the cost of a round trip is shared by all the frames written in it, so
+the cost per frame falls as the load rises. A producer is
 asked to pause its upstream when it is MAX_QUEUED frames ahead of Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +36,7 @@ from .connection import UNREACHABLE, error_from_json, error_to_json, guarded, ms
 from .control import RedisControl
 from .lease import Lease
 from .listener import Subscriptions
-from .pipeline import PipelinedConnection
+from .pipeline import Writes
 
 __all__ = ["RedisLogs"]
 
@@ -38,10 +46,11 @@ MAX_QUEUED = 1000  # frames a producer may get ahead of Redis before it is asked
 LOCAL_LINGER = 10.0  # seconds a local log outlives its stream's end, for its last readers
 STREAM_MAX_AGE = 86_400  # seconds a stream's keys live before it ends (a crashed producer's too)
 
-# KEYS: the logs written. ARGV: this instance, the logs' first lifetime, then for each log: how
-# many frames, the number of the frame before them, the frames. Each log's channel is told.
+# KEYS: the logs written (one slot on a cluster). ARGV: this instance, the logs' first lifetime,
+# the publish command (PUBLISH, or SPUBLISH on a cluster), then for each log: how many frames, the
+# number of the frame before them, the frames. Each log's channel is told.
 _APPEND = """
-local at = 3
+local at = 4
 for _, key in ipairs(KEYS) do
   local count, seq = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
   at = at + 2
@@ -50,61 +59,53 @@ for _, key in ipairs(KEYS) do
     at = at + 1
   end
   if seq == 0 then redis.call('EXPIRE', key, ARGV[2]) end
-  redis.call('PUBLISH', string.sub(key, 1, -5), ARGV[1])
+  redis.call(ARGV[3], string.sub(key, 1, -5), ARGV[1])
 end
 return #KEYS
 """
 
-# KEYS: meta, this instance's set of streams, the set of instances. ARGV: owner, instance,
-# readers already counted, lifetime until the end, model, the prompt's estimated tokens.
+# KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end, model, the
+# prompt's estimated tokens.
 _CREATE = """
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'instance', ARGV[2], 'state', 'pending', 'readers', ARGV[3],
            'model', ARGV[5], 'prompt_tokens', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('SADD', KEYS[2], KEYS[1])
-redis.call('SADD', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: meta, log, the producer's set of streams. ARGV: the producer's lease key, the retention
-# in ms, this instance, the producer. Ends the stream as lost when it is still pending or running
-# and its producer's lease has expired; a stream no longer running leaves the producer's set.
+# KEYS: meta, log. ARGV: the retention in ms, this instance, the producer, the publish command.
+# Ends the stream as lost when its producer is the one named and it is still pending or running
+# (1); 2: it ended already (it may leave the producer's set); 0: another producer's.
 _END_LOST = """
 local f = redis.call('HMGET', KEYS[1], 'state', 'instance')
-if f[2] and f[2] ~= ARGV[4] then return 0 end
-if f[1] ~= 'pending' and f[1] ~= 'running' then
-  redis.call('SREM', KEYS[3], KEYS[1])
-  return 0
-end
-if redis.call('EXISTS', ARGV[1]) == 1 then return 0 end
+if f[2] and f[2] ~= ARGV[3] then return 0 end
+if f[1] ~= 'pending' and f[1] ~= 'running' then return 2 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'lost', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('SREM', KEYS[3], KEYS[1])
-redis.call('PUBLISH', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call(ARGV[4], KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: meta. ARGV: this instance.
+# KEYS: meta. ARGV: this instance, the publish command.
 _RUNNING = """
 redis.call('HSET', KEYS[1], 'state', 'running')
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call(ARGV[2], KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: meta, log. ARGV: this instance, the final state, the start error, the retention in ms,
-# the number of the frame before the last ones, the last frames.
+# KEYS: meta, log. ARGV: this instance, the publish command, the final state, the start error, the
+# retention in ms, the number of the frame before the last ones, the last frames.
 _END = """
-local seq = tonumber(ARGV[5])
-for i = 6, #ARGV do
+local seq = tonumber(ARGV[6])
+for i = 7, #ARGV do
   seq = seq + 1
   redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i])
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'start_error', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SREM', KEYS[3], KEYS[1])
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'start_error', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call(ARGV[2], KEYS[1], ARGV[1])
 return 1
 """
 
@@ -114,6 +115,9 @@ local n = redis.call('HINCRBY', KEYS[1], 'readers', ARGV[1])
 if n < 0 then redis.call('HSET', KEYS[1], 'readers', 0) n = 0 end
 return n
 """
+
+
+_Work = tuple[str, "_Produced", list[bytes]]  # a log's key, its stream, the frames to write
 
 
 class _Produced:
@@ -130,8 +134,8 @@ class _Produced:
 
 
 class RedisLogs(StreamLogs):
-    def __init__(self, client: Any, writes: PipelinedConnection, subscriptions: Subscriptions,
-                 control: RedisControl, prefix: str, lease: Lease) -> None:
+    def __init__(self, client: Any, writes: Writes, subscriptions: Subscriptions,
+                 control: RedisControl, prefix: str, lease: Lease, publish: str = "PUBLISH") -> None:
         self.instance = subscriptions.instance
         self._lease = lease
         self._client = client  # redis-py: reads of streams produced elsewhere
@@ -139,6 +143,7 @@ class RedisLogs(StreamLogs):
         self._subscriptions = subscriptions
         self._control = control
         self._prefix = prefix
+        self._publish = publish  # PUBLISH, or SPUBLISH on a cluster (the channel's shard only)
         self._produced: dict[str, _Produced] = {}
         self._dirty: dict[str, _Produced] = {}  # streams with frames queued for the writer
         self._writer: asyncio.Task[None] | None = None
@@ -149,21 +154,26 @@ class RedisLogs(StreamLogs):
         return f"{self._prefix}instances"  # the instances that produce streams (or did, and died)
 
     def _meta(self, stream_id: str) -> str:
-        return f"{self._prefix}stream:{stream_id}"
+        return f"{self._prefix}{{stream:{stream_id}}}"
 
     def _log(self, stream_id: str) -> str:
-        return f"{self._prefix}stream:{stream_id}:log"
+        return f"{self._prefix}{{stream:{stream_id}}}:log"
 
     async def _eval(self, script: str, keys: list[str], *args: Any) -> Any:
-        return await self._writes.call("EVAL", script, len(keys), *keys, *args)
+        return await self._writes.script(script, keys, *args)
 
     @guarded
     async def create(self, stream_id: str, owner: str, readers: int = 0, model: str = "",
                      prompt_tokens: int = 0) -> None:
         await self._control.ready()  # a stop sent to this instance must find it listening
         await self._lease.hold()  # alive, for every instance that reads what it produces
-        await self._eval(_CREATE, [self._meta(stream_id), self._streams_of(self.instance), self._instances],
-                         owner, self.instance, readers, STREAM_MAX_AGE, model, prompt_tokens)
+        # Listed first, then created (one round trip: both are sent before either reply): a stream
+        # that exists is always found by the sweep of its producer's streams, should it die.
+        await asyncio.gather(
+            self._writes.command(self._streams_of(self.instance), "SADD", self._streams_of(self.instance), stream_id),
+            self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE, model,
+                       prompt_tokens),
+        )
         self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
@@ -234,43 +244,52 @@ class RedisLogs(StreamLogs):
         try:
             while self._dirty:
                 batch, self._dirty = self._dirty, {}
-                work = [(sid, produced, produced.queued) for sid, produced in batch.items()
-                        if produced.queued and not produced.broken]
-                keys: list[str] = []
-                args: list[Any] = [self.instance, STREAM_MAX_AGE]
-                for sid, produced, frames in work:
-                    produced.queued = []
-                    produced.writing = True
-                    keys.append(self._log(sid))
-                    args += [len(frames), len(produced.log.frames), *frames]
+                groups: dict[int, list[_Work]] = {}  # by slot: one script each (one in all, on one Redis)
+                for sid, produced in batch.items():
+                    if produced.queued and not produced.broken:
+                        log_key = self._log(sid)
+                        groups.setdefault(self._writes.slot(log_key), []).append((log_key, produced, produced.queued))
+                        produced.queued = []
+                        produced.writing = True
                 try:
-                    if keys:
-                        await self._eval(_APPEND, keys, *args)
-                except BaseException as exc:
-                    if isinstance(exc, UNREACHABLE):
-                        outage.warn(exc, f"; frames of {len(work)} stream(s) not written")
-                    elif not isinstance(exc, asyncio.CancelledError):
-                        log.exception("frames of %d stream(s) not written", len(work))
-                    for _sid, produced, frames in work:
-                        produced.queued[:0] = frames  # kept in order: a Redis position is the frame's number
-                        produced.broken = True
-                        produced.writing = False
-                        produced.log.fail(StoreUnavailable())  # readers must not wait for what cannot come
+                    if len(groups) == 1:
+                        await self._write_group(*groups.values())
+                    elif groups:
+                        await asyncio.gather(*map(self._write_group, groups.values()))
+                finally:
                     self._round_done()
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for _sid, produced, frames in work:
-                    produced.log.extend(frames)  # in Redis now: to the readers here
-                for _sid, produced, _frames in work:
-                    produced.writing = False
-                    if produced.on_drained and len(produced.queued) < MAX_QUEUED:
-                        resumes, produced.on_drained = produced.on_drained, []
-                        for resume in resumes:
-                            resume()
-                self._round_done()
         finally:
             self._writer = None
+
+    async def _write_group(self, work: list[_Work]) -> None:
+        """One script call for the logs of one slot; on failure, their frames stay queued and
+        their streams are broken (StoreUnavailable) until a write of theirs succeeds."""
+        args: list[Any] = [self.instance, STREAM_MAX_AGE, self._publish]
+        for _key, produced, frames in work:
+            args += [len(frames), len(produced.log.frames), *frames]
+        try:
+            await self._eval(_APPEND, [key for key, _produced, _frames in work], *args)
+        except BaseException as exc:
+            if isinstance(exc, UNREACHABLE):
+                outage.warn(exc, f"; frames of {len(work)} stream(s) not written")
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.exception("frames of %d stream(s) not written", len(work))
+            for _key, produced, frames in work:
+                produced.queued[:0] = frames  # kept in order: a Redis position is the frame's number
+                produced.broken = True
+                produced.writing = False
+                produced.log.fail(StoreUnavailable())  # readers must not wait for what cannot come
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _key, produced, frames in work:
+            produced.log.extend(frames)  # in Redis now: to the readers here
+        for _key, produced, _frames in work:
+            produced.writing = False
+            if produced.on_drained and len(produced.queued) < MAX_QUEUED:
+                resumes, produced.on_drained = produced.on_drained, []
+                for resume in resumes:
+                    resume()
 
     def _round_done(self) -> None:
         self._written.set()
@@ -305,7 +324,7 @@ class RedisLogs(StreamLogs):
     @guarded
     async def set_running(self, stream_id: str) -> None:
         async def write(_produced: _Produced) -> None:
-            await self._eval(_RUNNING, [self._meta(stream_id)], self.instance)
+            await self._eval(_RUNNING, [self._meta(stream_id)], self.instance, self._publish)
 
         produced = await self._commit(stream_id, write)
         produced.log.state = StreamState.RUNNING
@@ -322,8 +341,7 @@ class RedisLogs(StreamLogs):
             # them yet) go in this call, ahead of the last ones: the writer skips them.
             last[:] = [*produced.queued, *frames]
             produced.queued = []
-            await self._eval(_END, [meta, self._log(stream_id), self._streams_of(self.instance)], self.instance,
-                             state.value,
+            await self._eval(_END, [meta, self._log(stream_id)], self.instance, self._publish, state.value,
                              error_to_json(start_error), ms(retention), len(produced.log.frames), *last)
 
         try:
@@ -335,6 +353,13 @@ class RedisLogs(StreamLogs):
         produced.log.finish(state, last, start_error)
         asyncio.get_running_loop().call_later(min(retention, LOCAL_LINGER), self._produced.pop, stream_id, None)
         self._subscriptions.wake(meta)
+        self._subscriptions.spawn(self._unlist(self.instance, stream_id))
+
+    async def _unlist(self, instance: str, stream_id: str) -> None:
+        """An ended stream leaves its producer's list; if Redis is away, the sweep of a dead
+        producer's streams removes it later."""
+        with contextlib.suppress(*UNREACHABLE):
+            await self._writes.command(self._streams_of(instance), "SREM", self._streams_of(instance), stream_id)
 
     # --- readers ------------------------------------------------------------------------------
 
@@ -366,17 +391,22 @@ class RedisLogs(StreamLogs):
             if not members:  # nothing of it left: forget the instance
                 await self._client.srem(self._instances, instance)
                 continue
-            meta = len(self._meta(""))
-            found += [(member.decode()[meta:], instance) for member in members]
+            found += [(member.decode(), instance) for member in members]
         return found
 
     @guarded
     async def end_lost(self, stream_id: str, instance: str, retention: float) -> StreamInfo | None:
         if stream_id in self._produced:
             return None  # produced here: alive
-        keys = [self._meta(stream_id), self._log(stream_id), self._streams_of(instance)]
-        if not await self._eval(_END_LOST, keys, self._lease.prefix + instance, ms(retention), self.instance,
-                                instance):
+        # The lease, then the stream: on a cluster they live on different shards, so the check
+        # cannot be in the script; a lease that lapsed has made its instance dead for good.
+        if await self._client.exists(self._lease.prefix + instance):
+            return None
+        ended = await self._eval(_END_LOST, [self._meta(stream_id), self._log(stream_id)], ms(retention),
+                                 self.instance, instance, self._publish)
+        if ended:
+            await self._unlist(instance, stream_id)
+        if ended != 1:
             return None
         self._subscriptions.wake(self._meta(stream_id))  # readers here: the message is our own
         return await self.info(stream_id)

@@ -8,27 +8,35 @@ redis-py itself uses) packing and parsing, some 20 µs per round trip, whatever 
 (bench/README.md). Commands asked for while replies are awaited go out together in one write
 (auto-pipelining), so a burst shares one round trip.
 
-It speaks only what the log writes need: scripts (EVAL, so that a Redis restarted without its
-script cache needs nothing reloaded) and their replies. A lost connection fails the commands
-under way with `ConnectionError` (which the store turns into 503s); the next command connects
-again. Reads, keys, counters and pub/sub stay on redis-py.
+It speaks only what the log writes need: scripts (EVALSHA, and EVAL when a Redis restarted
+without its script cache answers NOSCRIPT) and their replies. A lost connection fails the
+commands under way with `ConnectionError` (which the store turns into 503s); the next command
+connects again. Reads, keys, counters and pub/sub stay on redis-py.
+
+On a Redis Cluster, `ClusterWrites` holds one such connection per primary and sends each command
+to the primary that owns its key's slot, by the slot map of redis-py's cluster client; a shard
+that is down fails only the commands sent to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ssl
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import hiredis
 from redis.asyncio.connection import parse_url
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["PipelinedConnection"]
+from .connection import UNREACHABLE, node_url, outage
+
+__all__ = ["ClusterWrites", "PipelinedConnection", "Writes"]
 
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 5.0  # seconds the oldest command may wait for its reply before the connection is given up
@@ -63,7 +71,38 @@ class _Protocol(asyncio.Protocol):
         self.owner.lost(RedisConnectionError("connection to Redis lost"), self)
 
 
-class PipelinedConnection:
+class Writes:
+    """Where the data path's commands go: `command(key, …)` runs on the node that owns `key`;
+    keys of one `slot` may go in one script."""
+
+    _digests: ClassVar[dict[str, str]] = {}  # script text -> its SHA1, shared by all
+
+    async def command(self, key: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def slot(self, key: str) -> int:
+        raise NotImplementedError
+
+    async def script(self, script: str, keys: list[str], *args: Any) -> Any:
+        """Run a script on the node of its first key: by its digest, and by its text when the
+        node does not have it (a restarted Redis, a new primary)."""
+        digest = self._digests.get(script)
+        if digest is None:
+            digest = self._digests[script] = hashlib.sha1(script.encode()).hexdigest()
+        try:
+            return await self.command(keys[0], "EVALSHA", digest, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.command(keys[0], "EVAL", script, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PipelinedConnection(Writes):
+    """One Redis: every key on the one node, so any keys may go in one script."""
+
     def __init__(self, url: str) -> None:
         self._params = parse_url(url)
         self._tls = url.startswith("rediss://")
@@ -71,6 +110,12 @@ class PipelinedConnection:
         self._connecting: asyncio.Task[_Protocol] | None = None
         self.pending: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
+
+    async def command(self, key: str, *args: Any) -> Any:
+        return await self.call(*args)
+
+    def slot(self, key: str) -> int:
+        return 0
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply; error replies raise ResponseError."""
@@ -152,3 +197,69 @@ class PipelinedConnection:
 
     def close(self) -> None:
         self.lost(RedisConnectionError("closed"))
+
+
+class ClusterWrites(Writes):
+    """A Redis Cluster: one pipelined connection per primary, each command sent to the primary
+    that owns its key's slot. A MOVED or ASK reply (a slot that moved: resharding, a failover) is
+    followed once, and the slot map refreshed."""
+
+    def __init__(self, url: str, cluster: Any) -> None:
+        self._url = url
+        self._cluster = cluster  # redis-py's RedisCluster: its slot map
+        self._nodes: dict[tuple[str, int], PipelinedConnection] = {}
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def slot(self, key: str) -> int:
+        return key_slot(key.encode())
+
+    def _connection(self, host: str, port: int) -> PipelinedConnection:
+        connection = self._nodes.get((host, port))
+        if connection is None:
+            connection = self._nodes[(host, port)] = PipelinedConnection(node_url(self._url, host, port))
+        return connection
+
+    async def _owner(self, key: str) -> PipelinedConnection:
+        cluster = self._cluster
+        await cluster.initialize()  # reads the slot map the first time only
+        node = cluster.get_node_from_key(key)
+        return self._connection(node.host, int(node.port))
+
+    async def command(self, key: str, *args: Any) -> Any:
+        connection = await self._owner(key)
+        try:
+            return await connection.call(*args)
+        except ResponseError as exc:
+            kind, _, rest = str(exc).partition(" ")
+            if kind not in ("MOVED", "ASK"):
+                raise
+            self.refresh()
+            host, _, port = rest.partition(" ")[2].rpartition(":")
+            connection = self._connection(host, int(port))
+            if kind == "MOVED":
+                return await connection.call(*args)
+            # Tasks start in order: ASKING is written just ahead of the command.
+            _, reply = await asyncio.gather(connection.call("ASKING"), connection.call(*args))
+            return reply
+        except RedisConnectionError:
+            self.refresh()  # the primary may have failed over: learn the new one for the next command
+            raise
+
+    def refresh(self) -> None:
+        """Read the slot map again, once at a time, in the background."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except UNREACHABLE as exc:  # no node answers: the next failure tries again
+            outage.warn(exc, "; the slot map is not read")
+        finally:
+            self._refreshing = None
+
+    def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        for connection in self._nodes.values():
+            connection.close()
