@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,13 @@ def mock_model(io_loop) -> Iterator[MockModel]:
     io_loop.run_sync(model.close)
 
 
+def _copy_lines(source: Any, path: Path) -> None:
+    with path.open("ab") as sink:
+        for line in source:
+            sink.write(line)
+            sink.flush()
+
+
 class RedisServer:
     """A real redis-server on a free port, in its own folder, with append-only persistence
     fsynced on every write (so that anything acknowledged survives a kill). `cluster`: a node of
@@ -87,8 +95,10 @@ class RedisServer:
             # Without full coverage, the shards that are up serve their slots while one is down.
             bus, bus_port = bind_unused_port()
             bus.close()
+            # A replica syncs at once (not after the default 5 s), so that it can take over from then on.
             cluster_args = ["--cluster-enabled", "yes", "--cluster-port", str(bus_port), "--cluster-config-file",
-                            "nodes.conf", "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
+                            "nodes.conf", "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no",
+                            "--repl-diskless-sync-delay", "0"]
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "notice", *cluster_args],
@@ -97,6 +107,9 @@ class RedisServer:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:  # blocks until redis-server says it is ready (or dies)
             if b"Ready to accept connections" in line:
+                # The rest of its log goes to a file, so that a full pipe never stalls it.
+                threading.Thread(target=_copy_lines, args=(self.proc.stdout, self.folder / "redis.log"),
+                                 daemon=True).start()
                 return self
         raise RuntimeError(f"redis-server did not start (exit {self.proc.wait()})")
 
@@ -135,7 +148,21 @@ class RedisClusterServers:
             check=True, stdout=subprocess.DEVNULL, timeout=60,
         )
         self.wait_until_ok(self.nodes)
+        self.wait_for_replicas()
         return self
+
+    def wait_for_replicas(self, timeout: float = 60) -> None:
+        """Until every replica has synced with its master (before, it could not take over)."""
+        import time
+
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            with redis.Redis(port=node.port) as client:
+                while (info := client.info("replication"))["role"] == "slave" and info["master_link_status"] != "up":
+                    assert time.monotonic() < deadline, "a replica did not sync"
+                    time.sleep(0.05)
 
     def wait_until_ok(self, nodes: list[RedisServer], timeout: float = 60) -> None:
         """Until every node says the cluster is ok and all slots are served (gossip converges)."""
@@ -151,6 +178,24 @@ class RedisClusterServers:
                     if info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384:
                         break
                     assert time.monotonic() < deadline, f"cluster not ok: {info}"
+                    time.sleep(0.05)
+
+    def wait_for_failover(self, dead: RedisServer, timeout: float = 60) -> None:
+        """Until a replica serves the slots of the `dead` master, as every node that is up sees it."""
+        import time
+
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with redis.Redis(port=node.port) as client:
+                while True:
+                    primaries = {int(primary[1]) for _start, _end, primary, *_ in client.cluster("slots")}
+                    if dead.port not in primaries and client.cluster("info")["cluster_state"] == "ok":
+                        break
+                    assert time.monotonic() < deadline, "no replica took over"
                     time.sleep(0.05)
 
     def masters(self) -> list[RedisServer]:

@@ -103,3 +103,75 @@ async def test_push_on_the_other_shards_goes_on_and_the_dead_one_comes_back(gate
         assert again.status == 503 and asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.1)
     assert [json.loads(e.data) for e in await take(channels[doomed], 1)] == ["after"]
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path):
+    servers = RedisClusterServers(tmp_path, masters=3, replicas=1).start()
+    yield servers
+    servers.kill()
+
+
+async def test_a_replica_takes_over_and_the_gateway_follows_it(start_gateway, replicated_cluster, http):
+    gateway = start_gateway(redis_url=replicated_cluster.url, api_keys=KEYS, admin_keys=("admin-key",),
+                            heartbeat_interval=0.5)
+    victim = replicated_cluster.masters()[0]
+    user = user_on(replicated_cluster, victim)
+    channel = EventReader(await http.get(f"{gateway.url}/v1/events", headers={"Authorization": f"Bearer k-{user}"}))
+    before = await http.post(f"{gateway.url}/v1/events", json={"user": user, "data": "before"}, headers=ADMIN)
+    assert [json.loads(e.data) for e in await take(channel, 1)] == ["before"] and before.status == 202
+
+    victim.kill()
+    replicated_cluster.wait_for_failover(victim)  # a replica has been promoted in its place
+    assert replicated_cluster.owner(f"sse:{{user:{user}}}") is not victim
+
+    # The same push channel, still open, now delivers from the new primary.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # until the gateway's clients have learnt the new primary
+        after = await http.post(f"{gateway.url}/v1/events", json={"user": user, "data": "after"}, headers=ADMIN)
+        if after.status == 202:
+            break
+        assert after.status == 503 and asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)
+    assert [json.loads(e.data) for e in await take(channel, 1)] == ["after"]
+
+    # New streams on every shard, the promoted one included, stream whole and resume elsewhere.
+    promoted = replicated_cluster.owner(f"sse:{{user:{user}}}")
+    other = start_gateway(redis_url=replicated_cluster.url, api_keys=KEYS)
+    while True:
+        created = await http.post(f"{gateway.url}/v1/streams", json=chat_body("one two three"), headers=ALICE)
+        assert created.status == 201
+        stream_id = (await created.json())["id"]
+        events = await EventReader(await http.get(f"{other.url}/v1/streams/{stream_id}", headers=ALICE)).read_all()
+        assert content_of(events) == "one two three" and events[-1].data == "[DONE]"
+        if replicated_cluster.owner(f"sse:{{stream:{stream_id}}}") is promoted:
+            break
+
+
+async def test_wake_ups_go_to_the_owning_shard_only(start_gateway, crashable_cluster, http):
+    # A reader on another instance subscribes to the stream's channel: with sharded pub/sub, only
+    # on the shard that holds the stream's keys, and never on the cluster-wide bus.
+    import redis
+
+    producer, elsewhere = (start_gateway(redis_url=crashable_cluster.url, api_keys=KEYS) for _ in range(2))
+    created = await http.post(f"{producer.url}/v1/streams", json=chat_body("a b c d", mock_first_token_delay=60),
+                              headers=ALICE)
+    stream_id = (await created.json())["id"]
+    reader = EventReader(await http.get(f"{elsewhere.url}/v1/streams/{stream_id}", headers=ALICE))
+    channel = f"sse:{{stream:{stream_id}}}"
+    owner = crashable_cluster.owner(channel)
+
+    def sharded_subscribers(node) -> int:
+        with redis.Redis(port=node.port) as client:
+            return client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1]
+
+    while sharded_subscribers(owner) == 0:  # the reader subscribes just after its head went out
+        await asyncio.sleep(0.02)
+    assert sharded_subscribers(owner) == 1
+    for node in crashable_cluster.masters():
+        if node is not owner:
+            assert sharded_subscribers(node) == 0
+        with redis.Redis(port=node.port) as client:
+            assert client.execute_command("PUBSUB", "NUMSUB", channel)[1] == 0  # nothing cluster-wide
+    assert (await http.delete(f"{producer.url}/v1/streams/{stream_id}", headers=ALICE)).status in (200, 202, 204)
+    assert (await reader.read_all())[-1].data == "[DONE]"

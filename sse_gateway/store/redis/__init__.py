@@ -19,7 +19,6 @@ same keys, with hash tags that keep what one script touches on one slot, and sha
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from typing import Any
 
@@ -32,6 +31,7 @@ from .lease import Lease
 from .listener import Subscriptions
 from .logs import RedisLogs
 from .pipeline import ClusterWrites, PipelinedConnection, Writes
+from .slots import SlotMap
 
 __all__ = ["RedisStore"]
 
@@ -42,9 +42,10 @@ class RedisStore(Store):
         self.client: Any = connect(url)  # the process's one pool, for other parts that keep data in Redis
         self.cluster = is_cluster(url)
         publish = "SPUBLISH" if self.cluster else "PUBLISH"
-        self.subscriptions = Subscriptions(self.client, self.instance, url if self.cluster else None)
+        slots = SlotMap(url) if self.cluster else None  # the data path's and pub/sub's own map of the shards
+        self.subscriptions = Subscriptions(self.client, self.instance, slots, url)
         self.control = RedisControl(self.client, self.subscriptions, prefix, sharded=self.cluster)
-        self.writes: Writes = ClusterWrites(url, self.client) if self.cluster else PipelinedConnection(url)
+        self.writes: Writes = ClusterWrites(url, slots) if slots is not None else PipelinedConnection(url)
         self.lease = Lease(self.client, self.instance, prefix, lease)
         self.logs = RedisLogs(self.client, self.writes, self.subscriptions, self.control, prefix, self.lease, publish)
         self.channels = RedisChannels(self.client, self.subscriptions, prefix, publish)
@@ -53,15 +54,9 @@ class RedisStore(Store):
 
     @guarded
     async def ping(self) -> None:
-        """Both connections work: commands, and the pub/sub that carries wake-ups."""
-        if self.cluster:  # any shard that answers: one that is down fails only what lives on it
-            await self.client.initialize()
-            replies = await asyncio.gather(*(self.client.ping(target_nodes=node)
-                                             for node in self.client.get_primaries()), return_exceptions=True)
-            if all(isinstance(reply, BaseException) for reply in replies):
-                raise StoreUnavailable()
-        else:
-            await self.client.ping()
+        """Both paths work: commands (on a cluster, any shard: one that is down fails only what
+        lives on it), and the pub/sub that carries wake-ups."""
+        await self.writes.ping()
         if not await self.subscriptions.usable():
             raise StoreUnavailable()
 

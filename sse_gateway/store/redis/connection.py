@@ -38,7 +38,7 @@ from ...errors import GatewayError
 from ...logs import Throttled
 from .. import StoreUnavailable
 
-__all__ = ["UNREACHABLE", "Script", "connect", "error_from_json", "error_to_json", "guarded", "is_cluster", "ms", "node_url",
+__all__ = ["UNREACHABLE", "Script", "cluster_seeds", "connect", "error_from_json", "error_to_json", "guarded", "is_cluster", "ms", "node_url",
            "outage"]
 
 log = logging.getLogger("sse_gateway.store")
@@ -58,7 +58,7 @@ def is_cluster(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
-def _cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """The seed nodes of a `redis+cluster://` URL, and the connection options they share."""
     parts = urllib.parse.urlsplit(url)
     credentials, _, hosts = parts.netloc.rpartition("@")
@@ -119,7 +119,7 @@ def connect(url: str) -> Any:
     has bytes."""
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1)
     if is_cluster(url):
-        seeds, options = _cluster_seeds(url)
+        seeds, options = cluster_seeds(url)
         # Without full coverage: the shards that are up keep serving their slots while one is down.
         return _BoundedCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds], require_full_coverage=False,

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from .. import StoreUnavailable, Wake
 from ..local import Wakeups
 from .connection import UNREACHABLE, node_url
+from .slots import Address, SlotMap
 
 __all__ = ["Listener", "ShardedListener", "Subscriptions"]
 
@@ -36,6 +37,7 @@ log = logging.getLogger("sse_gateway.store")
 
 SUBSCRIBE_TIMEOUT = 5.0
 RECONNECT_WAIT = 2.0  # seconds a request waits for a reconnect attempt of the pub/sub connection
+MOVE_RETRY = 0.5  # seconds between readings of a cluster's slot map while a shard's connection is lost
 
 
 class Listener:
@@ -162,14 +164,14 @@ class ShardedListener:
     here. When a shard's connection is lost, the slot map is read again and its channels move
     to their owners now (a replica promoted by a failover)."""
 
-    def __init__(self, cluster: Any, url: str, on_message: Callable[[str, bytes], None],
+    def __init__(self, slots: SlotMap, url: str, on_message: Callable[[str, bytes], None],
                  on_lost: Callable[[], None], on_back: Callable[[], None]) -> None:
-        self._cluster = cluster
+        self._slots = slots
         self._url = url
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_back = on_back
-        self._listeners: dict[tuple[str, int], tuple[Any, Listener]] = {}  # node -> its client, listener
+        self._listeners: dict[Address, tuple[Any, Listener]] = {}  # node -> its client, listener
         self._where: dict[str, Listener] = {}  # channel -> the listener subscribed to it
         self._moving: asyncio.Task[None] | None = None
 
@@ -178,9 +180,7 @@ class ShardedListener:
         return all(listener.healthy for _client, listener in self._listeners.values())
 
     async def _owner(self, channel: str) -> Listener:
-        await self._cluster.initialize()  # reads the slot map the first time only
-        node = self._cluster.get_node_from_key(channel)
-        address = (node.host, int(node.port))
+        address = await self._slots.owner(channel)
         if address not in self._listeners:
             client = aioredis.Redis.from_url(node_url(self._url, *address), socket_connect_timeout=2,
                                              socket_timeout=None, max_connections=2)
@@ -213,23 +213,37 @@ class ShardedListener:
             self._moving = asyncio.ensure_future(self._move())
 
     async def _move(self) -> None:
-        """Channels whose slot has a new owner are subscribed there; their waiters look again."""
+        """While a shard's connection stays lost, read the slot map again every MOVE_RETRY
+        seconds; channels whose slot has a new owner (a replica promoted) are subscribed there,
+        their waiters look again, and a listener left with no channel is closed."""
         try:
-            await self._cluster.nodes_manager.initialize()
-            moved = False
-            for channel, listener in list(self._where.items()):
-                owner = await self._owner(channel)
-                if owner is not listener:
-                    await listener.unsubscribe(channel)
-                    await owner.subscribe(channel)
-                    self._where[channel] = owner
-                    moved = True
-            if moved:
-                self._on_back()
-        except (*UNREACHABLE, RedisError, StoreUnavailable):
-            pass  # no new owner yet: the lost connection keeps retrying, and so does the next loss
+            while any(not listener.healthy for listener in self._where.values()):
+                moved = False
+                try:
+                    await self._slots.refresh()
+                    for channel, listener in list(self._where.items()):
+                        owner = await self._owner(channel)
+                        if owner is not listener and not listener.healthy:
+                            await listener.unsubscribe(channel)
+                            await owner.subscribe(channel)
+                            self._where[channel] = owner
+                            moved = True
+                except (*UNREACHABLE, RedisError, StoreUnavailable):
+                    pass  # no new owner yet: try again
+                if moved:
+                    await self._close_unused()
+                    self._on_back()
+                await asyncio.sleep(MOVE_RETRY)
         finally:
             self._moving = None
+
+    async def _close_unused(self) -> None:
+        wanted = {id(listener) for listener in self._where.values()}
+        for address, (client, listener) in list(self._listeners.items()):
+            if id(listener) not in wanted:
+                del self._listeners[address]
+                await listener.close()
+                await client.aclose()
 
     async def close(self) -> None:
         if self._moving is not None:
@@ -246,7 +260,7 @@ Route = Callable[[str, bytes], None]
 class Subscriptions:
     """Local wake-ups for Redis channels, over the one pub/sub connection."""
 
-    def __init__(self, client: Any, instance: str, cluster_url: str | None = None) -> None:
+    def __init__(self, client: Any, instance: str, slots: SlotMap | None = None, cluster_url: str = "") -> None:
         self.instance = instance
         self._own = instance.encode()
         self._wakeups = Wakeups()
@@ -255,10 +269,10 @@ class Subscriptions:
         self._on_back: list[Callable[[], None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self.listener: Listener | ShardedListener
-        if cluster_url is None:
+        if slots is None:
             self.listener = Listener(client, self._dispatch, self.wake_all, self._back)
         else:
-            self.listener = ShardedListener(client, cluster_url, self._dispatch, self.wake_all, self._back)
+            self.listener = ShardedListener(slots, cluster_url, self._dispatch, self.wake_all, self._back)
 
     def route(self, prefix: str, handler: Route) -> None:
         """Messages on channels starting with `prefix` go to `handler(channel, data)`."""

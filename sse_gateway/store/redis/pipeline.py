@@ -14,8 +14,8 @@ commands under way with `ConnectionError` (which the store turns into 503s); the
 connects again. Reads, keys, counters and pub/sub stay on redis-py.
 
 On a Redis Cluster, `ClusterWrites` holds one such connection per primary and sends each command
-to the primary that owns its key's slot, by the slot map of redis-py's cluster client; a shard
-that is down fails only the commands sent to it.
+to the primary that owns its key's slot (slots.SlotMap); a shard that is down fails only the
+commands sent to it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import UNREACHABLE, node_url, outage
+from .slots import Address, SlotMap
 
 __all__ = ["ClusterWrites", "PipelinedConnection", "Writes"]
 
@@ -96,6 +97,10 @@ class Writes:
                 raise
         return await self.command(keys[0], "EVAL", script, len(keys), *keys, *args)
 
+    async def ping(self) -> None:
+        """Return once Redis answers (on a cluster: any primary); raise otherwise."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -116,6 +121,9 @@ class PipelinedConnection(Writes):
 
     def slot(self, key: str) -> int:
         return 0
+
+    async def ping(self) -> None:
+        await self.call("PING")
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply; error replies raise ResponseError."""
@@ -201,32 +209,26 @@ class PipelinedConnection(Writes):
 
 class ClusterWrites(Writes):
     """A Redis Cluster: one pipelined connection per primary, each command sent to the primary
-    that owns its key's slot. A MOVED or ASK reply (a slot that moved: resharding, a failover) is
-    followed once, and the slot map refreshed."""
+    that owns its key's slot. A MOVED or ASK reply (a slot that moved: resharding, a failover)
+    is followed once and the slot map read again; so is a lost connection, for the next command."""
 
-    def __init__(self, url: str, cluster: Any) -> None:
+    def __init__(self, url: str, slots: SlotMap) -> None:
         self._url = url
-        self._cluster = cluster  # redis-py's RedisCluster: its slot map
-        self._nodes: dict[tuple[str, int], PipelinedConnection] = {}
+        self._slots = slots
+        self._nodes: dict[Address, PipelinedConnection] = {}
         self._refreshing: asyncio.Task[None] | None = None
 
     def slot(self, key: str) -> int:
         return key_slot(key.encode())
 
-    def _connection(self, host: str, port: int) -> PipelinedConnection:
-        connection = self._nodes.get((host, port))
+    def _connection(self, address: Address) -> PipelinedConnection:
+        connection = self._nodes.get(address)
         if connection is None:
-            connection = self._nodes[(host, port)] = PipelinedConnection(node_url(self._url, host, port))
+            connection = self._nodes[address] = PipelinedConnection(node_url(self._url, *address))
         return connection
 
-    async def _owner(self, key: str) -> PipelinedConnection:
-        cluster = self._cluster
-        await cluster.initialize()  # reads the slot map the first time only
-        node = cluster.get_node_from_key(key)
-        return self._connection(node.host, int(node.port))
-
     async def command(self, key: str, *args: Any) -> Any:
-        connection = await self._owner(key)
+        connection = self._connection(await self._slots.owner(key))
         try:
             return await connection.call(*args)
         except ResponseError as exc:
@@ -235,7 +237,7 @@ class ClusterWrites(Writes):
                 raise
             self.refresh()
             host, _, port = rest.partition(" ")[2].rpartition(":")
-            connection = self._connection(host, int(port))
+            connection = self._connection((host, int(port)))
             if kind == "MOVED":
                 return await connection.call(*args)
             # Tasks start in order: ASKING is written just ahead of the command.
@@ -245,6 +247,16 @@ class ClusterWrites(Writes):
             self.refresh()  # the primary may have failed over: learn the new one for the next command
             raise
 
+    async def ping(self) -> None:
+        failure: BaseException | None = None
+        for address in await self._slots.primaries():
+            try:
+                await self._connection(address).call("PING")
+                return
+            except UNREACHABLE as exc:
+                failure = exc
+        raise failure or RedisConnectionError("no primary answers")
+
     def refresh(self) -> None:
         """Read the slot map again, once at a time, in the background."""
         if self._refreshing is None:
@@ -252,9 +264,9 @@ class ClusterWrites(Writes):
 
     async def _refresh(self) -> None:
         try:
-            await self._cluster.nodes_manager.initialize()
+            await self._slots.refresh()
         except UNREACHABLE as exc:  # no node answers: the next failure tries again
-            outage.warn(exc, "; the slot map is not read")
+            outage.warn(exc, "; the cluster's slot map is not read")
         finally:
             self._refreshing = None
 
