@@ -14,7 +14,7 @@ each script below touches one slot (the sets of an instance are written beside, 
 The streams this instance produces are also held here as `LocalLog`s: their local readers (most
 readers) never read from Redis, and get each frame pushed to them once Redis has it, so that a
 frame a client has is one any instance can resume after. One writer per process commits what
-every stream here has appended since its last write, in one round trip: one script call for any
+every stream here has appended since its last write, in one round trip: one transaction for any
 number of streams and frames on one Redis, one per stream (per slot) on a cluster, pipelined to
 each shard. Under load the cost of a round trip is shared by all the frames written in it, so
 the cost per frame falls as the load rises. A producer is
@@ -28,6 +28,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 from ...errors import GatewayError
 from .. import READ_BATCH, StoreUnavailable, StreamInfo, StreamLogs, StreamState, Wake
@@ -45,24 +47,6 @@ log = logging.getLogger("sse_gateway.store")
 MAX_QUEUED = 1000  # frames a producer may get ahead of Redis before it is asked to pause
 LOCAL_LINGER = 10.0  # seconds a local log outlives its stream's end, for its last readers
 STREAM_MAX_AGE = 86_400  # seconds a stream's keys live before it ends (a crashed producer's too)
-
-# KEYS: the logs written (one slot on a cluster). ARGV: this instance, the logs' first lifetime,
-# the publish command (PUBLISH, or SPUBLISH on a cluster), then for each log: how many frames, the
-# number of the frame before them, the frames. Each log's channel is told.
-_APPEND = """
-local at = 4
-for _, key in ipairs(KEYS) do
-  local count, seq = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  at = at + 2
-  for i = 1, count do
-    redis.call('XADD', key, (seq + i) .. '-0', 'f', ARGV[at])
-    at = at + 1
-  end
-  if seq == 0 then redis.call('EXPIRE', key, ARGV[2]) end
-  redis.call(ARGV[3], string.sub(key, 1, -5), ARGV[1])
-end
-return #KEYS
-"""
 
 # KEYS: meta. ARGV: owner, instance, readers already counted, lifetime until the end, model, the
 # prompt's estimated tokens.
@@ -117,16 +101,15 @@ return n
 """
 
 
-_Work = tuple[str, "_Produced", list[bytes]]  # a log's key, its stream, the frames to write
-
-
 class _Produced:
     """A stream produced here: its local log, and its frames on their way to Redis."""
 
-    __slots__ = ("log", "queued", "writing", "broken", "on_drained")
+    __slots__ = ("log", "key", "slot", "queued", "writing", "broken", "on_drained")
 
-    def __init__(self, log: LocalLog) -> None:
+    def __init__(self, log: LocalLog, key: str, slot: int) -> None:
         self.log = log  # holds what Redis has
+        self.key = key  # of its log in Redis
+        self.slot = slot  # of its keys: streams of one slot go in one transaction
         self.queued: list[bytes] = []  # appended, not yet written
         self.writing = False  # frames of it are in the writer's round trip now
         self.broken = False  # a write failed: Redis is away
@@ -174,7 +157,8 @@ class RedisLogs(StreamLogs):
             self._eval(_CREATE, [self._meta(stream_id)], owner, self.instance, readers, STREAM_MAX_AGE, model,
                        prompt_tokens),
         )
-        self._produced[stream_id] = _Produced(LocalLog(owner, self.instance))
+        key = self._log(stream_id)
+        self._produced[stream_id] = _Produced(LocalLog(owner, self.instance), key, self._writes.slot(key))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
         if b"owner" not in fields:
@@ -244,47 +228,65 @@ class RedisLogs(StreamLogs):
         try:
             while self._dirty:
                 batch, self._dirty = self._dirty, {}
-                groups: dict[int, list[_Work]] = {}  # by slot: one script each (one in all, on one Redis)
-                for sid, produced in batch.items():
+                groups: dict[int, list[_Produced]] = {}  # by slot: one transaction each (one in all, on one Redis)
+                for produced in batch.values():
                     if produced.queued and not produced.broken:
-                        log_key = self._log(sid)
-                        groups.setdefault(self._writes.slot(log_key), []).append((log_key, produced, produced.queued))
-                        produced.queued = []
+                        groups.setdefault(produced.slot, []).append(produced)
                         produced.writing = True
+                work = [(group, [(p, p.queued) for p in group]) for group in groups.values()]
+                for group in groups.values():
+                    for produced in group:
+                        produced.queued = []
+                # Every transaction queued at once, without a task each: one write per shard.
+                sent = [self._writes.send(group[0].key, self._commands(frames), group[0].slot) for group, frames in work]
                 try:
-                    if len(groups) == 1:
-                        await self._write_group(*groups.values())
-                    elif groups:
-                        await asyncio.gather(*map(self._write_group, groups.values()))
+                    results = await asyncio.gather(*sent, return_exceptions=True)
+                    for (group, frames), result in zip(work, results, strict=True):
+                        if isinstance(result, ResponseError) and str(result).startswith(("MOVED ", "ASK ")):
+                            try:  # a slot moved: once more, where Redis said
+                                await self._writes.transaction(group[0].key, self._commands(frames))
+                                result = None
+                            except Exception as exc:  # noqa: BLE001 (reported with the rest below)
+                                result = exc
+                        self._settle(frames, result if isinstance(result, BaseException) else None)
+                except BaseException as exc:  # cancelled while waiting: nothing is known to be written
+                    for group, frames in work:
+                        if group[0].writing:
+                            self._settle(frames, exc)
+                    raise
                 finally:
                     self._round_done()
         finally:
             self._writer = None
 
-    async def _write_group(self, work: list[_Work]) -> None:
-        """One script call for the logs of one slot; on failure, their frames stay queued and
-        their streams are broken (StoreUnavailable) until a write of theirs succeeds."""
-        args: list[Any] = [self.instance, STREAM_MAX_AGE, self._publish]
-        for _key, produced, frames in work:
-            args += [len(frames), len(produced.log.frames), *frames]
-        try:
-            await self._eval(_APPEND, [key for key, _produced, _frames in work], *args)
-        except BaseException as exc:
-            if isinstance(exc, UNREACHABLE):
-                outage.warn(exc, f"; frames of {len(work)} stream(s) not written")
-            elif not isinstance(exc, asyncio.CancelledError):
-                log.exception("frames of %d stream(s) not written", len(work))
-            for _key, produced, frames in work:
-                produced.queued[:0] = frames  # kept in order: a Redis position is the frame's number
+    def _commands(self, frames: list[tuple[_Produced, list[bytes]]]) -> list[tuple[Any, ...]]:
+        """One slot's part of a round: each stream's new frames, and a word on its channel."""
+        commands: list[tuple[Any, ...]] = []
+        for produced, new in frames:
+            key, before = produced.key, len(produced.log.frames)
+            commands += [("XADD", key, f"{seq}-0", "f", frame) for seq, frame in enumerate(new, before + 1)]
+            if before == 0:
+                commands.append(("EXPIRE", key, STREAM_MAX_AGE))
+            commands.append((self._publish, key[:-4], self.instance))  # the stream's channel: its meta key
+        return commands
+
+    def _settle(self, frames: list[tuple[_Produced, list[bytes]]], failure: BaseException | None) -> None:
+        """After a transaction: its frames to the local readers, or, on failure, back in the
+        queue, their streams broken (StoreUnavailable) until a write of theirs succeeds."""
+        if failure is not None:
+            if isinstance(failure, UNREACHABLE):
+                outage.warn(failure, f"; frames of {len(frames)} stream(s) not written")
+            elif not isinstance(failure, asyncio.CancelledError):
+                log.error("frames of %d stream(s) not written: %s", len(frames), failure)
+            for produced, new in frames:
+                produced.queued[:0] = new  # kept in order: a Redis position is the frame's number
                 produced.broken = True
                 produced.writing = False
                 produced.log.fail(StoreUnavailable())  # readers must not wait for what cannot come
-            if not isinstance(exc, Exception):
-                raise
             return
-        for _key, produced, frames in work:
-            produced.log.extend(frames)  # in Redis now: to the readers here
-        for _key, produced, _frames in work:
+        for produced, new in frames:
+            produced.log.extend(new)  # in Redis now: to the readers here
+        for produced, _new in frames:
             produced.writing = False
             if produced.on_drained and len(produced.queued) < MAX_QUEUED:
                 resumes, produced.on_drained = produced.on_drained, []

@@ -6,10 +6,13 @@ of a command is paid per frame. Through redis-py's client a command costs some 1
 `Connection` some 95 µs; this connection, an asyncio protocol with hiredis (the C parser
 redis-py itself uses) packing and parsing, some 20 µs per round trip, whatever it carries
 (bench/README.md). Commands asked for while replies are awaited go out together in one write
-(auto-pipelining), so a burst shares one round trip.
+(auto-pipelining: everything asked for in one turn of the event loop goes out in one write), so a
+burst shares one round trip.
 
-It speaks only what the log writes need: scripts (EVALSHA, and EVAL when a Redis restarted
-without its script cache answers NOSCRIPT) and their replies. A lost connection fails the
+It speaks only what the log writes need: transactions (MULTI … EXEC: for Redis, a frame written
+this way costs about half what it costs through a script call, bench/README.md), scripts
+(EVALSHA, and EVAL when a Redis restarted without its script cache answers NOSCRIPT), and their
+replies. A lost connection fails the
 commands under way with `ConnectionError` (which the store turns into 503s); the next command
 connects again. Reads, keys, counters and pub/sub stay on redis-py.
 
@@ -25,7 +28,8 @@ import collections
 import hashlib
 import ssl
 import time
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -39,8 +43,40 @@ from .slots import Address, SlotMap
 
 __all__ = ["ClusterWrites", "PipelinedConnection", "Writes"]
 
+T = TypeVar("T")
+
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 5.0  # seconds the oldest command may wait for its reply before the connection is given up
+
+
+_MULTI = hiredis.pack_command(("MULTI",))
+_EXEC = hiredis.pack_command(("EXEC",))
+_ASKING = hiredis.pack_command(("ASKING",))
+
+
+class _Queued:
+    """A transaction's replies: to MULTI and to the commands it queues (OK, QUEUED, or an error
+    that makes EXEC fail), kept only for their errors; then EXEC's, which settles `future`."""
+
+    __slots__ = ("errors", "future")
+
+    def __init__(self, future: asyncio.Future[Any] | None = None) -> None:
+        self.errors: list[str] = []
+        self.future = future
+
+    def settle(self, reply: Any) -> None:
+        """EXEC's reply: the commands' replies, or the first error among them."""
+        future = self.future
+        if future is None or future.done():
+            return
+        if isinstance(reply, hiredis.ReplyError):  # EXECABORT: a command refused at once (MOVED, say) says why
+            future.set_exception(ResponseError(self.errors[0] if self.errors else str(reply)))
+            return
+        for item in reply or ():
+            if isinstance(item, hiredis.ReplyError):
+                future.set_exception(ResponseError(str(item)))
+                return
+        future.set_result(reply)
 
 
 class _Protocol(asyncio.Protocol):
@@ -61,6 +97,12 @@ class _Protocol(asyncio.Protocol):
                 self.owner.lost(RedisConnectionError("unexpected reply from Redis"), self)
                 return
             future = pending.popleft()[1]
+            if type(future) is _Queued:
+                if future.future is not None:
+                    future.settle(reply)
+                elif isinstance(reply, hiredis.ReplyError):
+                    future.errors.append(str(reply))
+                continue
             if future.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -79,6 +121,17 @@ class Writes:
     _digests: ClassVar[dict[str, str]] = {}  # script text -> its SHA1, shared by all
 
     async def command(self, key: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def transaction(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run `commands` together (MULTI … EXEC) on the node that owns `key`; every key they
+        touch must share its slot. Their replies; an error reply raises ResponseError."""
+        raise NotImplementedError
+
+    def send(self, key: str, commands: list[tuple[Any, ...]], slot: int = -1) -> asyncio.Future[list[Any]]:
+        """`transaction`, queued now (it goes out with all else asked for in this loop turn),
+        without a task of its own: what the writer uses for many transactions at once. A
+        redirection (MOVED) is not followed here: retry with `transaction`."""
         raise NotImplementedError
 
     def slot(self, key: str) -> int:
@@ -113,11 +166,46 @@ class PipelinedConnection(Writes):
         self._tls = url.startswith("rediss://")
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
-        self.pending: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self.pending: collections.deque[tuple[float, asyncio.Future[Any] | _Queued]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []  # packed commands to go out together at the end of this loop turn
+        self._flush: asyncio.Handle | None = None
 
     async def command(self, key: str, *args: Any) -> Any:
         return await self.call(*args)
+
+    async def transaction(self, key: str, commands: list[tuple[Any, ...]], *, asking: bool = False) -> list[Any]:
+        if self._protocol is None:
+            await self._connect()
+        return await self.send(key, commands, asking=asking)
+
+    def send(self, key: str, commands: list[tuple[Any, ...]], slot: int = -1, *,
+             asking: bool = False) -> asyncio.Future[list[Any]]:
+        protocol = self._protocol
+        if protocol is None:
+            return asyncio.ensure_future(self.transaction(key, commands, asking=asking))
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        queued = _Queued()
+        now = time.monotonic()
+        if not self.pending:
+            self._arm_watchdog()
+        pending = self.pending
+        out = self._out
+        if asking:  # a slot being migrated: ASKING holds until EXEC
+            pending.append((now, queued))
+            out.append(_ASKING)
+        pending.append((now, queued))
+        out.append(_MULTI)
+        pack = hiredis.pack_command
+        for command in commands:
+            pending.append((now, queued))
+            out.append(pack(command))
+        exec_reply = _Queued(future)
+        exec_reply.errors = queued.errors  # the queued commands' errors explain an EXECABORT
+        pending.append((now, exec_reply))
+        out.append(_EXEC)
+        self._schedule(protocol)
+        return future
 
     def slot(self, key: str) -> int:
         return 0
@@ -125,16 +213,30 @@ class PipelinedConnection(Writes):
     async def ping(self) -> None:
         await self.call("PING")
 
-    async def call(self, *args: Any) -> Any:
+    async def call(self, *args: Any, asking: bool = False) -> Any:
         """Send one command and return its reply; error replies raise ResponseError."""
         protocol = self._protocol or await self._connect()
         future = asyncio.get_running_loop().create_future()
         if not self.pending:
             self._arm_watchdog()
+        if asking:
+            self.pending.append((time.monotonic(), _Queued()))
+            self._out.append(_ASKING)
         self.pending.append((time.monotonic(), future))
-        assert protocol.transport is not None
-        protocol.transport.write(hiredis.pack_command(args))
+        self._out.append(hiredis.pack_command(args))
+        self._schedule(protocol)
         return await future
+
+    def _schedule(self, protocol: _Protocol) -> None:
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._write_out, protocol)
+
+    def _write_out(self, protocol: _Protocol) -> None:
+        """Everything asked for during the last loop turn, in one write."""
+        self._flush = None
+        out, self._out = self._out, []
+        if protocol is self._protocol and protocol.transport is not None:
+            protocol.transport.write(b"".join(out))
 
     async def _connect(self) -> _Protocol:
         """Connect, once for every caller that finds no connection meanwhile."""
@@ -194,11 +296,16 @@ class PipelinedConnection(Writes):
             return  # an older connection's end, after a new one was made
         protocol, self._protocol = self._protocol, None
         pending, self.pending = self.pending, collections.deque()
+        self._out = []
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        for _sent, future in pending:
-            if not future.done():
+        for _sent, target in pending:
+            future = target.future if type(target) is _Queued else target
+            if future is not None and not future.done():
                 future.set_exception(error)
         if protocol is not None and protocol.transport is not None:
             protocol.transport.abort()
@@ -228,21 +335,38 @@ class ClusterWrites(Writes):
         return connection
 
     async def command(self, key: str, *args: Any) -> Any:
+        return await self._routed(key, lambda connection, asking: connection.call(*args, asking=asking))
+
+    async def transaction(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return await self._routed(key, lambda connection, asking: connection.transaction(key, commands, asking=asking))
+
+    def send(self, key: str, commands: list[tuple[Any, ...]], slot: int = -1) -> asyncio.Future[list[Any]]:
+        address = self._slots.owner_now(key, slot)
+        if address is None:  # the map is not read yet
+            return asyncio.ensure_future(self.transaction(key, commands))
+        future = self._connection(address).send(key, commands)
+        future.add_done_callback(self._after_send)
+        return future
+
+    def _after_send(self, future: asyncio.Future[Any]) -> None:
+        """A shard gone or a slot moved: read the map again for the next writes."""
+        exc = None if future.cancelled() else future.exception()
+        if isinstance(exc, RedisConnectionError) or (isinstance(exc, ResponseError) and str(exc).startswith("MOVED ")):
+            self.refresh()
+
+    async def _routed(self, key: str, send: Callable[[PipelinedConnection, bool], Awaitable[T]]) -> T:
+        """`send` on the primary of `key`'s slot; a redirection is followed once."""
         connection = self._connection(await self._slots.owner(key))
         try:
-            return await connection.call(*args)
+            return await send(connection, False)
         except ResponseError as exc:
             kind, _, rest = str(exc).partition(" ")
             if kind not in ("MOVED", "ASK"):
                 raise
-            self.refresh()
-            host, _, port = rest.partition(" ")[2].rpartition(":")
-            connection = self._connection((host, int(port)))
             if kind == "MOVED":
-                return await connection.call(*args)
-            # Tasks start in order: ASKING is written just ahead of the command.
-            _, reply = await asyncio.gather(connection.call("ASKING"), connection.call(*args))
-            return reply
+                self.refresh()
+            host, _, port = rest.partition(" ")[2].rpartition(":")
+            return await send(self._connection((host, int(port))), kind == "ASK")
         except RedisConnectionError:
             self.refresh()  # the primary may have failed over: learn the new one for the next command
             raise

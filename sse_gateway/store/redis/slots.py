@@ -39,13 +39,22 @@ class SlotMap:
         """The primary that serves `key`'s slot (the map is read the first time)."""
         if not self._ranges:
             await self.refresh()
-        slot = key_slot(key.encode())
+        address = self.owner_now(key)
+        if address is None:
+            raise ConnectionError(f"no primary serves the slot of {key!r}")
+        return address
+
+    def owner_now(self, key: str, slot: int = -1) -> Address | None:
+        """The primary of `key`'s slot (`slot`, when known) by the map as it is (None: not read
+        yet, or no primary)."""
+        if slot < 0:
+            slot = key_slot(key.encode())
         at = bisect.bisect_right(self._starts, slot) - 1
         if at >= 0:
             start, end, address = self._ranges[at]
             if start <= slot <= end:
                 return address
-        raise ConnectionError(f"no primary serves slot {slot}")
+        return None
 
     async def primaries(self) -> list[Address]:
         if not self._ranges:
