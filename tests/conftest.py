@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -125,6 +126,15 @@ class RedisServer:
 
         with redis.Redis.from_url(self.url) as client:
             client.flushall()
+
+    def pause(self) -> None:
+        """Hang (SIGSTOP): connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
 
 class RedisClusterServers:

@@ -68,6 +68,36 @@ async def test_a_dead_shard_ends_only_its_own_streams(gateway, crashable_cluster
             assert content_of(events) == text and events[-1].data == "[DONE]"
 
 
+async def test_a_shard_that_hangs_holds_up_only_its_own_streams(gateway, crashable_cluster, http):
+    # Each shard has a writer of its own: while one primary hangs (SIGSTOP), the streams on the
+    # others go on to their end; the hung shard's end with an error once its reply is overdue.
+    text = " ".join(f"w{i}" for i in range(60))
+    readers: list[tuple[str, EventReader]] = []
+    victim = None
+    while victim is None or all(crashable_cluster.owner(f"sse:{{stream:{sid}}}") is victim for sid, _ in readers):
+        response = await http.post(f"{gateway.url}/v1/chat/completions", headers=ALICE,
+                                   json=chat_body(text, mock_token_delay=0.02))
+        readers.append((response.headers["X-Stream-Id"], EventReader(response)))
+        victim = victim or crashable_cluster.owner(f"sse:{{stream:{readers[0][0]}}}")
+    for _sid, reader in readers:
+        await take(reader, 3)
+    on_victim = {sid: reader for sid, reader in readers if crashable_cluster.owner(f"sse:{{stream:{sid}}}") is victim}
+    victim.pause()
+    try:
+        for sid, reader in readers:
+            if sid not in on_victim:
+                events = await asyncio.wait_for(reader.read_all(), timeout=30)
+                assert content_of(events) == text and events[-1].data == "[DONE]"
+        for sid in on_victim:  # still waiting for their shard: nothing has failed them yet
+            local = gateway.services.store.logs.local(sid)
+            assert local is not None and local.failure is None and not local.ended
+        for reader in on_victim.values():
+            events = await asyncio.wait_for(reader.read_all(), timeout=30)
+            assert error_code(events[-2]) == "store_unavailable" and events[-1].data == "[DONE]"
+    finally:
+        victim.resume()
+
+
 async def test_push_on_the_other_shards_goes_on_and_the_dead_one_comes_back(gateway, crashable_cluster, http):
     masters = crashable_cluster.masters()
     victim = masters[0]

@@ -104,12 +104,13 @@ return n
 class _Produced:
     """A stream produced here: its local log, and its frames on their way to Redis."""
 
-    __slots__ = ("log", "key", "slot", "queued", "writing", "broken", "on_drained")
+    __slots__ = ("log", "key", "slot", "lane", "queued", "writing", "broken", "on_drained")
 
-    def __init__(self, log: LocalLog, key: str, slot: int) -> None:
+    def __init__(self, log: LocalLog, key: str, slot: int, lane: Any) -> None:
         self.log = log  # holds what Redis has
         self.key = key  # of its log in Redis
         self.slot = slot  # of its keys: streams of one slot go in one transaction
+        self.lane = lane  # its writer's: the shard its keys were on when it began
         self.queued: list[bytes] = []  # appended, not yet written
         self.writing = False  # frames of it are in the writer's round trip now
         self.broken = False  # a write failed: Redis is away
@@ -128,9 +129,12 @@ class RedisLogs(StreamLogs):
         self._prefix = prefix
         self._publish = publish  # PUBLISH, or SPUBLISH on a cluster (the channel's shard only)
         self._produced: dict[str, _Produced] = {}
-        self._dirty: dict[str, _Produced] = {}  # streams with frames queued for the writer
-        self._writer: asyncio.Task[None] | None = None
-        self._written = asyncio.Event()  # set after each round trip of the writer
+        # Streams with frames queued, by lane: one writer per lane, one round trip at a time each.
+        # One Redis is one lane; on a cluster each primary is one, so that a shard that is slow
+        # or hangs holds up only the streams that live on it.
+        self._dirty: dict[Any, dict[str, _Produced]] = {}
+        self._writers: dict[Any, asyncio.Task[None]] = {}
+        self._written = asyncio.Event()  # set after each round trip of any writer
 
     @property
     def _instances(self) -> str:
@@ -158,7 +162,8 @@ class RedisLogs(StreamLogs):
                        prompt_tokens),
         )
         key = self._log(stream_id)
-        self._produced[stream_id] = _Produced(LocalLog(owner, self.instance), key, self._writes.slot(key))
+        slot = self._writes.slot(key)
+        self._produced[stream_id] = _Produced(LocalLog(owner, self.instance), key, slot, self._writes.lane(slot))
 
     def _info(self, stream_id: str, fields: dict[bytes, bytes], length: int) -> StreamInfo | None:
         if b"owner" not in fields:
@@ -215,19 +220,22 @@ class RedisLogs(StreamLogs):
         if produced.broken:
             raise StoreUnavailable()
         produced.queued += frames
-        self._dirty[stream_id] = produced
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+        lane = produced.lane
+        dirty = self._dirty.get(lane)
+        if dirty is None:
+            dirty = self._dirty[lane] = {}
+        dirty[stream_id] = produced
+        if lane not in self._writers:
+            self._writers[lane] = asyncio.get_running_loop().create_task(self._write(lane))
         return len(produced.queued) < MAX_QUEUED
 
     def on_drained(self, stream_id: str, resume: Wake) -> None:
         self._produced[stream_id].on_drained.append(resume)
 
-    async def _write(self) -> None:
-        """The writer: everything queued, one round trip at a time."""
+    async def _write(self, lane: Any) -> None:
+        """A lane's writer: everything queued in it, one round trip at a time."""
         try:
-            while self._dirty:
-                batch, self._dirty = self._dirty, {}
+            while batch := self._dirty.pop(lane, None):
                 groups: dict[int, list[_Produced]] = {}  # by slot: one transaction each (one in all, on one Redis)
                 for produced in batch.values():
                     if produced.queued and not produced.broken:
@@ -257,7 +265,7 @@ class RedisLogs(StreamLogs):
                 finally:
                     self._round_done()
         finally:
-            self._writer = None
+            del self._writers[lane]
 
     def _commands(self, frames: list[tuple[_Produced, list[bytes]]]) -> list[tuple[Any, ...]]:
         """One slot's part of a round: each stream's new frames, and a word on its channel."""
@@ -427,8 +435,9 @@ class RedisLogs(StreamLogs):
         return int(value) if value is not None else 0
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await asyncio.wait([self._writer], timeout=2)
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._writers:
+            await asyncio.wait(list(self._writers.values()), timeout=2)
+        writers = list(self._writers.values())
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)

@@ -137,6 +137,11 @@ class Writes:
     def slot(self, key: str) -> int:
         raise NotImplementedError
 
+    def lane(self, slot: int) -> Any:
+        """Which writer takes the keys of `slot`: one per node, so that a node that is slow
+        holds up only what lives on it."""
+        raise NotImplementedError
+
     async def script(self, script: str, keys: list[str], *args: Any) -> Any:
         """Run a script on the node of its first key: by its digest, and by its text when the
         node does not have it (a restarted Redis, a new primary)."""
@@ -208,6 +213,9 @@ class PipelinedConnection(Writes):
         return future
 
     def slot(self, key: str) -> int:
+        return 0
+
+    def lane(self, slot: int) -> Any:
         return 0
 
     async def ping(self) -> None:
@@ -327,6 +335,9 @@ class ClusterWrites(Writes):
 
     def slot(self, key: str) -> int:
         return key_slot(key.encode())
+
+    def lane(self, slot: int) -> Any:
+        return self._slots.owner_now("", slot)  # None until the map is read: a lane of its own
 
     def _connection(self, address: Address) -> PipelinedConnection:
         connection = self._nodes.get(address)
