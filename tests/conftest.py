@@ -295,7 +295,7 @@ def start_gateway(io_loop, mock_model: MockModel, backend: str, request, tmp_pat
 
     yield start
     for gateway in started:
-        io_loop.run_sync(gateway.close)
+        io_loop.run_sync(gateway.close, timeout=60)  # a close that hangs fails the test, loudly
 
 
 @pytest.fixture

@@ -205,6 +205,36 @@ async def test_redis_local_readers_get_frames_once_redis_has_them(redis_url):
     await other.close()
 
 
+async def test_redis_an_end_whose_caller_is_cancelled_writes_its_frames_once(redis_url):
+    # end() writes the frames still queued with the last ones, shielded from a cancelled caller
+    # (a stop). Its frames went back in the queue on the caller's cancellation although the
+    # write went on and put them in Redis: the writer then wrote them twice.
+    from sse_gateway.store.redis import RedisStore
+
+    store = RedisStore(redis_url)
+    await store.logs.create("s", "u")
+    store.logs.append("s", [b"a"])
+    while store.logs.local("s").frames != [b"a"]:
+        await asyncio.sleep(0.001)
+    produced = store.logs._produced["s"]  # frames a failed round left queued, say
+    produced.queued = [b"b", b"c"]
+    ending = asyncio.ensure_future(store.logs.end("s", StreamState.DONE, [b"end"], retention=60))
+    await asyncio.sleep(0)  # the write is under way
+    ending.cancel()
+
+    async def ended() -> None:
+        while not store.logs.local("s").ended:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(ended(), timeout=10)  # it completes all the same, here as in Redis
+    assert produced.queued == []
+    other = RedisStore(redis_url)
+    frames, info = await other.logs.read("s", 0)
+    assert frames == [b"a", b"b", b"c", b"end"] and info.ended
+    await store.close()
+    await other.close()
+
+
 async def test_finished_logs_stay_within_the_retained_bytes_the_oldest_dropped_first():
     store = MemoryStore(retained_bytes=1000)
     frame = b"x" * 400

@@ -19,6 +19,8 @@ same keys, with hash tags that keep what one script touches on one slot, and sha
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from typing import Any
 
@@ -34,6 +36,10 @@ from .pipeline import ClusterWrites, PipelinedConnection, Writes
 from .slots import SlotMap
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("sse_gateway.store")
+
+CLOSE_STEP = 5.0  # seconds each part of the store may take to close
 
 
 class RedisStore(Store):
@@ -61,9 +67,15 @@ class RedisStore(Store):
             raise StoreUnavailable()
 
     async def close(self) -> None:
-        await self.logs.close()
-        await self.lease.close()
-        await self.channels.close()
-        await self.subscriptions.close()
+        """Each part in turn, none for longer than CLOSE_STEP: a shutdown never waits on a
+        Redis (or a shard) that does not answer."""
+        for step in (self.logs.close, self.lease.close, self.channels.close, self.subscriptions.close):
+            try:
+                await asyncio.wait_for(step(), CLOSE_STEP)
+            except TimeoutError:
+                log.warning("redis store: %s did not finish within %gs at shutdown", step.__qualname__, CLOSE_STEP)
         self.writes.close()
-        await self.client.aclose()
+        try:
+            await asyncio.wait_for(self.client.aclose(), CLOSE_STEP)
+        except TimeoutError:
+            log.warning("redis store: the connection pool did not close within %gs at shutdown", CLOSE_STEP)

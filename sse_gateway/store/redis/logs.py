@@ -310,10 +310,10 @@ class RedisLogs(StreamLogs):
         while produced.writing:
             await self._written.wait()
 
-    async def _commit(self, stream_id: str, write: Callable[[_Produced], Awaitable[None]]) -> _Produced:
-        """A write of a stream produced here (its state, its end), after its queued frames; run
-        to the end even when the producer is cancelled meanwhile (a stop), so that Redis and the
-        local log never disagree."""
+    async def _commit(self, stream_id: str, write: Callable[[_Produced], Awaitable[None]]) -> None:
+        """A write of a stream produced here (its state, its end) and its effect on the local
+        log, after its queued frames; run to the end even when the producer is cancelled
+        meanwhile (a stop), so that Redis and the local log never disagree."""
         produced = self._produced[stream_id]
 
         async def run() -> None:
@@ -329,41 +329,41 @@ class RedisLogs(StreamLogs):
         task = asyncio.ensure_future(run())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read, should nobody await it
         await asyncio.shield(task)
-        return produced
 
     @guarded
     async def set_running(self, stream_id: str) -> None:
-        async def write(_produced: _Produced) -> None:
+        async def write(produced: _Produced) -> None:
             await self._eval(_RUNNING, [self._meta(stream_id)], self.instance, self._publish)
+            produced.log.state = StreamState.RUNNING
+            self._subscriptions.wake(self._meta(stream_id))
 
-        produced = await self._commit(stream_id, write)
-        produced.log.state = StreamState.RUNNING
-        self._subscriptions.wake(self._meta(stream_id))
+        await self._commit(stream_id, write)
 
     @guarded
     async def end(self, stream_id: str, state: StreamState, frames: list[bytes], retention: float,
                   start_error: GatewayError | None = None) -> None:
         meta = self._meta(stream_id)
-        last: list[bytes] = []
 
         async def write(produced: _Produced) -> None:
             # The frames still queued (a failed write left them, or the writer has not come to
             # them yet) go in this call, ahead of the last ones: the writer skips them.
-            last[:] = [*produced.queued, *frames]
+            last = [*produced.queued, *frames]
             produced.queued = []
-            await self._eval(_END, [meta, self._log(stream_id)], self.instance, self._publish, state.value,
-                             error_to_json(start_error), ms(retention), len(produced.log.frames), *last)
+            try:
+                await self._eval(_END, [meta, self._log(stream_id)], self.instance, self._publish, state.value,
+                                 error_to_json(start_error), ms(retention), len(produced.log.frames), *last)
+            except BaseException:
+                produced.queued[:0] = last[: len(last) - len(frames)]  # for the next try
+                raise
+            # Here, not in the caller: a caller cancelled meanwhile (a stop) leaves this to
+            # complete, and the local log must then end as the one in Redis has.
+            produced.log.failure = None
+            produced.log.finish(state, last, start_error)
+            asyncio.get_running_loop().call_later(min(retention, LOCAL_LINGER), self._produced.pop, stream_id, None)
+            self._subscriptions.wake(meta)
+            self._subscriptions.spawn(self._unlist(self.instance, stream_id))
 
-        try:
-            produced = await self._commit(stream_id, write)
-        except BaseException:
-            self._produced[stream_id].queued[:0] = last[: len(last) - len(frames)]  # for the next try
-            raise
-        produced.log.failure = None
-        produced.log.finish(state, last, start_error)
-        asyncio.get_running_loop().call_later(min(retention, LOCAL_LINGER), self._produced.pop, stream_id, None)
-        self._subscriptions.wake(meta)
-        self._subscriptions.spawn(self._unlist(self.instance, stream_id))
+        await self._commit(stream_id, write)
 
     async def _unlist(self, instance: str, stream_id: str) -> None:
         """An ended stream leaves its producer's list; if Redis is away, the sweep of a dead
