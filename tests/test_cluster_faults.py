@@ -88,6 +88,7 @@ async def test_a_shard_that_hangs_holds_up_only_its_own_streams(gateway, crashab
             if sid not in on_victim:
                 events = await asyncio.wait_for(reader.read_all(), timeout=30)
                 assert content_of(events) == text and events[-1].data == "[DONE]"
+        assert (await http.get(f"{gateway.url}/healthz")).status == 200  # the other shards answer
         for sid in on_victim:  # still waiting for their shard: nothing has failed them yet
             local = gateway.services.store.logs.local(sid)
             assert local is not None and local.failure is None and not local.ended

@@ -175,10 +175,6 @@ class ShardedListener:
         self._where: dict[str, Listener] = {}  # channel -> the listener subscribed to it
         self._moving: asyncio.Task[None] | None = None
 
-    @property
-    def healthy(self) -> bool:
-        return all(listener.healthy for _client, listener in self._listeners.values())
-
     async def _owner(self, channel: str) -> Listener:
         address = await self._slots.owner(channel)
         if address not in self._listeners:
@@ -224,7 +220,8 @@ class ShardedListener:
                     for channel, listener in list(self._where.items()):
                         owner = await self._owner(channel)
                         if owner is not listener and not listener.healthy:
-                            await listener.unsubscribe(channel)
+                            # Not unsubscribed from the lost connection (each try would wait for
+                            # it): that listener is closed once none of its channels is left.
                             await owner.subscribe(channel)
                             self._where[channel] = owner
                             moved = True

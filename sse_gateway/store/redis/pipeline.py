@@ -383,14 +383,21 @@ class ClusterWrites(Writes):
             raise
 
     async def ping(self) -> None:
-        failure: BaseException | None = None
-        for address in await self._slots.primaries():
-            try:
-                await self._connection(address).call("PING")
-                return
-            except UNREACHABLE as exc:
-                failure = exc
-        raise failure or RedisConnectionError("no primary answers")
+        """Every primary at once; the first answer will do (one that hangs does not hold it up)."""
+        pings = [asyncio.ensure_future(self._connection(address).call("PING"))
+                 for address in await self._slots.primaries()]
+        failure: BaseException = RedisConnectionError("no primary answers")
+        try:
+            for answer in asyncio.as_completed(pings):
+                try:
+                    await answer
+                    return
+                except UNREACHABLE as exc:
+                    failure = exc
+            raise failure
+        finally:
+            for ping in pings:
+                ping.cancel()
 
     def refresh(self) -> None:
         """Read the slot map again, once at a time, in the background."""
