@@ -31,7 +31,7 @@ def crashable_cluster(tmp_path):
 
 
 @pytest.fixture
-def gateway(start_gateway, crashable_cluster):
+def gateway(crashable_cluster, start_gateway):  # the cluster first: it outlives the gateway
     return start_gateway(redis_url=crashable_cluster.url, api_keys=KEYS, admin_keys=("admin-key",),
                          heartbeat_interval=0.5)
 
@@ -143,7 +143,7 @@ def replicated_cluster(tmp_path):
     servers.kill()
 
 
-async def test_a_replica_takes_over_and_the_gateway_follows_it(start_gateway, replicated_cluster, http):
+async def test_a_replica_takes_over_and_the_gateway_follows_it(replicated_cluster, start_gateway, http):
     gateway = start_gateway(redis_url=replicated_cluster.url, api_keys=KEYS, admin_keys=("admin-key",),
                             heartbeat_interval=0.5)
     victim = replicated_cluster.masters()[0]
@@ -179,7 +179,7 @@ async def test_a_replica_takes_over_and_the_gateway_follows_it(start_gateway, re
             break
 
 
-async def test_wake_ups_go_to_the_owning_shard_only(start_gateway, crashable_cluster, http):
+async def test_wake_ups_go_to_the_owning_shard_only(crashable_cluster, start_gateway, http):
     # A reader on another instance subscribes to the stream's channel: with sharded pub/sub, only
     # on the shard that holds the stream's keys, and never on the cluster-wide bus.
     import redis

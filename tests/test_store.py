@@ -235,6 +235,28 @@ async def test_redis_an_end_whose_caller_is_cancelled_writes_its_frames_once(red
     await other.close()
 
 
+async def test_redis_an_end_after_a_write_that_timed_out_but_was_applied_writes_each_frame_once(redis_url):
+    # A shard that hangs past the reply timeout may still apply the write once it wakes: its
+    # frames stay queued here and come again with the end, which must not write them twice.
+    from sse_gateway.store.redis import RedisStore
+
+    store = RedisStore(redis_url)
+    await store.logs.create("s", "u")
+    store.logs.append("s", [b"a"])
+    while store.logs.local("s").frames != [b"a"]:
+        await asyncio.sleep(0.001)
+    other = RedisStore(redis_url)
+    await other.logs._writes.transaction("sse:{stream:s}:log", [("XADD", "sse:{stream:s}:log", "2-0", "f", b"b")])
+    produced = store.logs._produced["s"]
+    produced.queued, produced.broken = [b"b", b"c"], True  # "b" is in Redis; this instance cannot know
+    await store.logs.end("s", StreamState.DONE, [b"end"], retention=60)
+    frames, info = await other.logs.read("s", 0)
+    assert frames == [b"a", b"b", b"c", b"end"] and info.ended
+    assert store.logs.local("s").frames == (b"a", b"b", b"c", b"end")
+    await store.close()
+    await other.close()
+
+
 async def test_finished_logs_stay_within_the_retained_bytes_the_oldest_dropped_first():
     store = MemoryStore(retained_bytes=1000)
     frame = b"x" * 400

@@ -79,12 +79,17 @@ return 1
 """
 
 # KEYS: meta, log. ARGV: this instance, the publish command, the final state, the start error, the
-# retention in ms, the number of the frame before the last ones, the last frames.
+# retention in ms, the number of the frame before the last ones, the last frames. Frames the log
+# has already are skipped: a write that timed out (a shard that hung) may have been applied after
+# all, and its frames come again here; a frame's number says which it is.
 _END = """
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local have = 0
+if top[1] then have = tonumber(string.match(top[1][1], '^(%d+)-')) end
 local seq = tonumber(ARGV[6])
 for i = 7, #ARGV do
   seq = seq + 1
-  redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i])
+  if seq > have then redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i]) end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'start_error', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
