@@ -16,11 +16,9 @@ import pytest
 from conftest import RedisClusterServers
 from support import EventReader, chat_body, content_of
 from test_push import take
-from test_redis_faults import ends_outside_the_log, error_code
+from test_redis_faults import ADMIN, ALICE, KEYS, ends_outside_the_log, error_code
 
-KEYS = {"key-alice": "alice", **{f"k-user{i}": f"user{i}" for i in range(100)}}
-ALICE = {"Authorization": "Bearer key-alice"}
-ADMIN = {"Authorization": "Bearer admin-key"}
+KEYS = {**KEYS, **{f"k-user{i}": f"user{i}" for i in range(100)}}  # users to place on chosen shards
 
 
 @pytest.fixture

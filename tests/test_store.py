@@ -205,10 +205,8 @@ async def test_redis_local_readers_get_frames_once_redis_has_them(redis_url):
     await other.close()
 
 
-async def test_redis_an_end_whose_caller_is_cancelled_writes_its_frames_once(redis_url):
-    # end() writes the frames still queued with the last ones, shielded from a cancelled caller
-    # (a stop). Its frames went back in the queue on the caller's cancellation although the
-    # write went on and put them in Redis: the writer then wrote them twice.
+async def producing_one_frame(redis_url: str):
+    """A Redis store producing stream "s", whose first frame Redis has."""
     from sse_gateway.store.redis import RedisStore
 
     store = RedisStore(redis_url)
@@ -216,6 +214,16 @@ async def test_redis_an_end_whose_caller_is_cancelled_writes_its_frames_once(red
     store.logs.append("s", [b"a"])
     while store.logs.local("s").frames != [b"a"]:
         await asyncio.sleep(0.001)
+    return store
+
+
+async def test_redis_an_end_whose_caller_is_cancelled_writes_its_frames_once(redis_url):
+    # end() writes the frames still queued with the last ones, shielded from a cancelled caller
+    # (a stop). Its frames went back in the queue on the caller's cancellation although the
+    # write went on and put them in Redis: the writer then wrote them twice.
+    from sse_gateway.store.redis import RedisStore
+
+    store = await producing_one_frame(redis_url)
     produced = store.logs._produced["s"]  # frames a failed round left queued, say
     produced.queued = [b"b", b"c"]
     ending = asyncio.ensure_future(store.logs.end("s", StreamState.DONE, [b"end"], retention=60))
@@ -240,11 +248,7 @@ async def test_redis_an_end_after_a_write_that_timed_out_but_was_applied_writes_
     # frames stay queued here and come again with the end, which must not write them twice.
     from sse_gateway.store.redis import RedisStore
 
-    store = RedisStore(redis_url)
-    await store.logs.create("s", "u")
-    store.logs.append("s", [b"a"])
-    while store.logs.local("s").frames != [b"a"]:
-        await asyncio.sleep(0.001)
+    store = await producing_one_frame(redis_url)
     other = RedisStore(redis_url)
     await other.logs._writes.transaction("sse:{stream:s}:log", [("XADD", "sse:{stream:s}:log", "2-0", "f", b"b")])
     produced = store.logs._produced["s"]
