@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import tornado.httpserver
 import tornado.netutil
@@ -43,11 +42,11 @@ from handlers import (
 )
 from sse_gateway import logs
 from sse_gateway.config import Settings, parse_settings
+from sse_gateway.page import PAGE_DIR
 from sse_gateway.services import Services
 
 log = logging.getLogger("sse_gateway")
 
-HERE = Path(__file__).resolve().parent
 BACKLOG = 4096  # connections the kernel queues for us: a burst of reconnects waits there, not refused
 # Connections accepted per turn of the event loop: a burst of new requests is taken in slices,
 # so that the streams already running keep getting their frames on time in between. A turn takes
@@ -88,7 +87,7 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
             (r"/healthz", HealthHandler, deps),
             (r"/", IndexHandler, deps),
             # Built assets have content hashes in their names: they may be cached for good.
-            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "templates" / "static")}),
+            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(PAGE_DIR)}),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,

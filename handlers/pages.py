@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sse_gateway.errors import GatewayError
+from sse_gateway.page import INDEX
 
 from .base import ApiHandler
 
@@ -31,8 +30,6 @@ class HealthHandler(ApiHandler):
         self.write_json(b'{"status":"ok"}')
 
 
-PAGE = Path(__file__).resolve().parents[1] / "templates" / "static" / "index.html"
-
 # The page runs only its own built scripts and styles, and talks only to this gateway: even a
 # model's answer that slipped past the markdown sanitiser could load or send nothing.
 PAGE_POLICY = (
@@ -42,16 +39,16 @@ PAGE_POLICY = (
 
 
 class IndexHandler(ApiHandler):
-    """`GET /`: the chat page, as built from templates/ by `make run` (Vite, into templates/static)."""
+    """`GET /`: the chat page, as built from templates/ (Vite, into sse_gateway/static)."""
 
     public_methods = frozenset({"GET"})
 
     def get(self) -> None:
         try:
-            page = PAGE.read_bytes()
-        except FileNotFoundError:
+            page = INDEX.read_bytes()
+        except FileNotFoundError:  # only in a checkout where someone removed the build
             raise GatewayError(
-                503, "The chat page has not been built yet: run `make run` (or `npm ci && npm run build` in templates/).",
+                503, "The chat page is missing from sse_gateway/static: run `make page` (needs Node.js).",
                 type="server_error", code="page_not_built",
             ) from None
         self.set_header("Content-Type", "text/html; charset=utf-8")

@@ -38,6 +38,15 @@ def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
     )
 
 
+def _check_name(param: str, value: Any) -> None:
+    """A required name (a model, a role): a string with something in it. An empty one is told
+    as empty, not as a type mismatch ("expected a string, but got a string")."""
+    if not isinstance(value, str):
+        raise _invalid_type(param, "a string", value)
+    if not value.strip():
+        raise bad_request(f"'{param}' must not be empty.", param=param, code="empty_string")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -67,8 +76,7 @@ def _check_messages(messages: Any) -> None:
             raise bad_request(
                 f"Missing required parameter: '{param}.role'.", param=f"{param}.role", code="missing_required_parameter"
             )
-        if not isinstance(role, str) or not role:
-            raise _invalid_type(f"{param}.role", "a non-empty string", role)
+        _check_name(f"{param}.role", role)
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
@@ -149,8 +157,7 @@ def parse_chat_request(body: bytes, *, force_stream: bool = False, caps: Request
     model = payload.get("model")
     if model is None:
         raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-    if not isinstance(model, str) or not model:
-        raise _invalid_type("model", "a non-empty string", model)
+    _check_name("model", model)
     if "messages" not in payload:
         raise bad_request("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     _check_messages(payload["messages"])

@@ -31,6 +31,7 @@ from tornado.testing import bind_unused_port
 
 from sse_gateway.config import Settings
 from sse_gateway.mock_upstream import MockModel
+from sse_gateway.page import INDEX
 from sse_gateway.services import Services
 from sse_server import GatewayApplication, make_app, make_server
 
@@ -442,10 +443,9 @@ def browser(io_loop):
 
 @pytest.fixture(scope="session")
 def built_page() -> Path:
-    """The chat page as `make test` builds it (npm ci, vite build); fails loudly when missing."""
-    page = Path(__file__).resolve().parents[1] / "templates" / "static" / "index.html"
-    assert page.exists(), "the chat page is not built: run `make test` (or `npm ci && npm run build` in templates/)"
-    return page
+    """The chat page as shipped in the package (built by `make page`); fails loudly when missing."""
+    assert INDEX.exists(), "the chat page is missing from sse_gateway/static: run `make page`"
+    return INDEX
 
 
 @pytest.fixture

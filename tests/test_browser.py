@@ -12,58 +12,27 @@ import re
 
 import pytest
 from aiohttp import web
-
-ANSWER = ".message.assistant:last-of-type .content"
-STATE = "document.querySelector('main').dataset.state"
-TRANSPORTS = ["eventsource", "fetch"]
+from chat_page import (
+    ANSWER,
+    TRANSPORTS,
+    ask,
+    open_page,
+    shown,
+    state,
+    wait_state,
+    wait_words,
+)
 
 
 @pytest.fixture(autouse=True)
 def page_is_built(built_page):
-    """Every test here needs the built chat page (make test builds it)."""
+    """Every test here needs the built chat page (shipped in sse_gateway/static)."""
 
 
 def stream_requests(caplog) -> int:
     """How many requests opened (or re-opened) an answer stream at the gateway so far."""
     pattern = re.compile(r" (GET /v1/streams/[\w-]+|POST /v1/chat/completions) ")
     return sum(bool(pattern.search(record.getMessage())) for record in caplog.records)
-
-
-async def open_page(browser, url: str, *, enforce_csp: bool = False):
-    # The page's Content-Security-Policy forbids eval, which Playwright's wait_for_function
-    # needs: tests instrument the page with the policy lifted, except where it is the subject.
-    context = await browser.new_context(bypass_csp=not enforce_csp)
-    page = await context.new_page()
-    dialogs = []
-    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
-    page.dialogs = dialogs
-    await page.goto(f"{url}/")
-    await page.locator("#model option, #key").first.wait_for(state="attached")
-    return page
-
-
-async def ask(page, text: str, transport: str) -> None:
-    await page.select_option("#transport", transport)
-    await page.fill("#question", text)
-    await page.click("#ask")
-
-
-async def shown(page) -> str:
-    return (await page.text_content(ANSWER) or "").strip()
-
-
-async def state(page) -> str:
-    return await page.evaluate(STATE)
-
-
-async def wait_state(page, *states: str, timeout: float = 20_000) -> None:
-    await page.wait_for_function(f"{list(states)}.includes({STATE})", timeout=timeout)
-
-
-async def wait_words(page, count: int) -> None:
-    await page.wait_for_function(
-        f"(document.querySelector('{ANSWER}')?.textContent || '').trim().split(/\\s+/).filter(Boolean).length >= {count}"
-    )
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -38,6 +38,8 @@ async def error_of(response, status: int) -> dict:
         (b'{"model": "mock-echo"}', "messages", "missing_required_parameter"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "missing_required_parameter"),
         (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', "model", "invalid_type"),
+        (b'{"model": "", "messages": [{"role": "user", "content": "x"}]}', "model", "empty_string"),
+        (b'{"model": "mock-echo", "messages": [{"role": " ", "content": "x"}]}', "messages[0].role", "empty_string"),
         (b'{"model": "mock-echo", "messages": "hello"}', "messages", "invalid_type"),
         (b'{"model": "mock-echo", "messages": []}', "messages", "empty_array"),
         (b'{"model": "mock-echo", "messages": ["hello"]}', "messages[0]", "invalid_type"),

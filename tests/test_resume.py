@@ -367,6 +367,20 @@ class TestSessions:
         response = await http.post(f"{keyed.url}/v1/streams", json=chat_body(), headers={"Cookie": cookie})
         assert (await error_of(response, 401))["code"] == "session_expired"
 
+    async def test_the_session_says_whose_it_is(self, keyed, http):
+        # A reloaded page asks this to show who is signed in (the cookie is HttpOnly).
+        response = await http.get(f"{keyed.url}/v1/session")
+        assert (await error_of(response, 401))["code"] == "no_session"
+        cookie = await self.login(keyed, http)
+        response = await http.get(f"{keyed.url}/v1/session", headers={"Cookie": cookie})
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        assert await response.json() == {"object": "session", "user": "alice"}
+        await http.delete(f"{keyed.url}/v1/session", headers={"Cookie": cookie})
+        response = await http.get(f"{keyed.url}/v1/session", headers={"Cookie": cookie})
+        assert (await error_of(response, 401))["code"] == "session_expired"
+        forged = {"Cookie": "sse_session=2|1:0|10:1|4:x|4:abcd|0"}
+        assert (await error_of(await http.get(f"{keyed.url}/v1/session", headers=forged), 401))["code"] == "no_session"
+
     async def test_forged_cookie_is_no_credential(self, keyed, http):
         response = await http.post(f"{keyed.url}/v1/streams", json=chat_body(), headers={"Cookie": "sse_session=2|1:0|10:1|4:x|4:abcd|0"})
         assert (await error_of(response, 401))["code"] == "missing_api_key"

@@ -43,6 +43,15 @@ export async function request(method, path, body = undefined, headers = {}) {
 export const listModels = () => request("GET", "/v1/models");
 export const signIn = (key) => request("POST", "/v1/session", undefined, { Authorization: `Bearer ${key}` });
 export const signOut = () => request("DELETE", "/v1/session");
+// Who is signed in (the session cookie is HttpOnly): null when nobody is.
+export async function currentUser() {
+  try {
+    return (await request("GET", "/v1/session")).user;
+  } catch (err) {
+    if (err instanceof GatewayError && err.status === 401) return null;
+    throw err;
+  }
+}
 export const stopStream = (id) => request("DELETE", `/v1/streams/${encodeURIComponent(id)}`);
 
 // One key per question: a retried POST attaches to the answer already being generated.
