@@ -182,4 +182,10 @@ async def test_the_page_works_under_its_content_security_policy(start_gateway, b
         await ask(page, f"under the policy via {transport}", transport)
         await page.locator("main[data-state=done]").wait_for()
         assert (await page.locator(ANSWER).inner_text()).strip() == f"under the policy via {transport}"
+    # Highlighted code, its copy button and a table: class names and markup only, no inline style.
+    await ask(page, "```python\nimport os\n```\n\n| a |\n|---|\n| 1 |", "fetch")
+    await page.locator("main[data-state=done]").wait_for()
+    assert await page.locator(f"{ANSWER} .hljs-keyword").inner_text() == "import"
+    assert await page.locator(f"{ANSWER} button.copy").count() == 1
+    assert await page.locator(f"{ANSWER} td").inner_text() == "1"
     assert violations == []

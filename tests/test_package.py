@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -54,9 +55,9 @@ def page_files(names: list[str], prefix: str = "") -> set[str]:
     return {name[len(marker):] for name in names if name.startswith(marker)}
 
 
-@pytest.mark.timeout(600)
-async def test_the_wheel_serves_the_page_without_node(tmp_path, programs, browser, http):
-    # A copy of the repository as a clone has it (no virtualenv, no node_modules).
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    """A copy of the repository as a fresh clone has it: no virtualenv, no node_modules."""
     listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO).stdout
     source = tmp_path / "source"
     for name in filter(None, listed.split("\0")):
@@ -64,6 +65,50 @@ async def test_the_wheel_serves_the_page_without_node(tmp_path, programs, browse
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
     assert not (source / "templates" / "node_modules").exists()
+    return source
+
+
+def without_node(folder: Path, *commands: str) -> dict[str, str]:
+    """An environment whose PATH is `folder` with only `commands` linked in from the system
+    (`python3`: the interpreter running the tests, not a version manager's shim)."""
+    folder.mkdir(exist_ok=True)
+    for command in commands:
+        target = os.path.realpath(sys._base_executable) if command == "python3" else shutil.which(command)
+        (folder / command).symlink_to(target)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = str(folder)
+    assert shutil.which("node", path=env["PATH"]) is None and shutil.which("npm", path=env["PATH"]) is None
+    return env
+
+
+async def serves_the_page(server, http, browser) -> None:
+    url = (await server.wait_for_line(r"listening on (http://[\d.]+:\d+)", timeout=300)).group(1)
+    page = await http.get(f"{url}/")
+    assert page.status == 200
+    html = await page.text()
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
+        assert (await http.get(f"{url}{asset}")).status == 200
+    browser_page = await open_page(browser, url)
+    await ask(browser_page, "served without Node.js")
+    await wait_state(browser_page, "done")
+    assert await shown(browser_page) == "served without Node.js"
+    await browser_page.context.close()
+
+
+@pytest.mark.timeout(600)
+async def test_make_run_on_a_fresh_clone_needs_no_node(clone, tmp_path, programs, browser, http):
+    env = without_node(tmp_path / "bin", "make", "sh", "python3", "touch")
+    server = await programs("make", "-C", str(clone), "run", "PORT=0", "ARGS=--mock-token-delay=0", env=env)
+    await serves_the_page(server, http, browser)
+    assert not (clone / "templates" / "node_modules").exists()  # nothing was built
+    gateway = int(run("pgrep", "-P", str(server.proc.pid)).stdout.split()[0])  # make's child: the gateway
+    os.kill(gateway, signal.SIGTERM)
+    assert await server.stop(sig=None) == 0  # it stopped cleanly, and make with it
+
+
+@pytest.mark.timeout(600)
+async def test_the_wheel_serves_the_page_without_node(clone, tmp_path, programs, browser, http):
+    source = clone
     # The sdist first, then the wheel from the sdist: what pip does with a source release.
     dist = tmp_path / "dist"
     await asyncio.to_thread(run, sys.executable, "-m", "build", "--outdir", str(dist), str(source))
@@ -80,23 +125,11 @@ async def test_the_wheel_serves_the_page_without_node(tmp_path, programs, browse
     # A fresh virtualenv, and a PATH on which there is no Node.js.
     venv = tmp_path / "venv"
     await asyncio.to_thread(run, sys.executable, "-m", "venv", str(venv))
-    path = str(venv / "bin")
-    assert shutil.which("node", path=path) is None and shutil.which("npm", path=path) is None
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env["PATH"] = path
+    env = without_node(tmp_path / "bin")
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     await asyncio.to_thread(run, str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
                             str(wheel), env=env, cwd=tmp_path)
-
     # `sse-gateway` from the wheel (run from outside the repository) serves the page.
     server = await programs(str(venv / "bin" / "sse-gateway"), "--port=0", "--mock-token-delay=0", env=env)
-    url = (await server.wait_for_line(r"listening on (http://[\d.]+:\d+)")).group(1)
-    page = await http.get(f"{url}/")
-    assert page.status == 200
-    html = await page.text()
-    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
-        assert (await http.get(f"{url}{asset}")).status == 200
-    browser_page = await open_page(browser, url)
-    await ask(browser_page, "served from the wheel")
-    await wait_state(browser_page, "done")
-    assert await shown(browser_page) == "served from the wheel"
+    await serves_the_page(server, http, browser)
     assert await server.stop() == 0
