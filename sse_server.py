@@ -35,6 +35,9 @@ from handlers import (
     MetricsHandler,
     ModelsHandler,
     NotFoundHandler,
+    ResponseCancelHandler,
+    ResponseHandler,
+    ResponsesHandler,
     SessionHandler,
     StreamHandler,
     StreamsHandler,
@@ -77,6 +80,9 @@ def make_app(settings: Settings, services: Services | None = None) -> GatewayApp
     app = GatewayApplication(
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, deps),
+            (r"/v1/responses", ResponsesHandler, deps),
+            (r"/v1/responses/([A-Za-z0-9_-]{1,128})", ResponseHandler, deps),
+            (r"/v1/responses/([A-Za-z0-9_-]{1,128})/cancel", ResponseCancelHandler, deps),
             (r"/v1/models", ModelsHandler, deps),
             (r"/v1/streams", StreamsHandler, deps),
             (r"/v1/streams/([A-Za-z0-9_-]{1,64})", StreamHandler, deps),

@@ -6,6 +6,7 @@ from .models import ModelsHandler
 from .ops import MetricsHandler, UsageHandler
 from .pages import HealthHandler, IndexHandler
 from .push import EventsHandler
+from .responses import ResponseCancelHandler, ResponseHandler, ResponsesHandler
 from .session import SessionHandler
 from .streams import StreamHandler, StreamsHandler
 
@@ -17,6 +18,9 @@ __all__ = [
     "MetricsHandler",
     "ModelsHandler",
     "NotFoundHandler",
+    "ResponseCancelHandler",
+    "ResponseHandler",
+    "ResponsesHandler",
     "SessionHandler",
     "StreamHandler",
     "StreamsHandler",

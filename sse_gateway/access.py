@@ -9,6 +9,7 @@
   deletes it, so a copied cookie stops working too.
 - Idempotency keys: a POST repeated with the same `Idempotency-Key` by the same user (a retrying
   fetch client, a tab that comes back) attaches to the stream the first one started.
+- Response owners: which user a Responses API answer (by its id) belongs to.
 
 Tokens and ids are 192-bit random values from `secrets`; only their SHA-256 is used as a store
 key, so that a store dump does not hand out working credentials.
@@ -17,6 +18,7 @@ key, so that a store dump does not hand out working credentials.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 
@@ -25,7 +27,7 @@ import orjson
 from .errors import GatewayError, bad_request
 from .store import Keys
 
-__all__ = ["ReadTickets", "Sessions", "IdempotencyKeys", "Ticket"]
+__all__ = ["IdempotencyKeys", "ReadTickets", "ResponseOwners", "Sessions", "Ticket"]
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -127,3 +129,28 @@ class IdempotencyKeys:
 def fingerprint(payload: dict[str, object]) -> str:
     """The same request, however its JSON was spaced or ordered."""
     return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class ResponseOwners:
+    """Which user each Responses API answer belongs to (by its id), for as long as an upstream
+    keeps it (OpenAI: 30 days): every user shares the gateway's upstream key, so without this
+    record `GET /v1/responses/<id>`, its cancel, and `previous_response_id` would reach any
+    user's answers. Only the hash of the id is stored, and the owner's name."""
+
+    def __init__(self, keys: Keys, ttl: float) -> None:
+        self._keys = keys
+        self.ttl = ttl
+
+    async def remember(self, user: str, response_id: str) -> None:
+        await self._keys.put(_hashed("response", response_id), user.encode(), self.ttl)
+
+    async def check(self, user: str, response_id: str, param: str | None = None) -> None:
+        """404 (or a 400 naming `param`, for a request that refers to it) unless `user` owns it:
+        an answer of another user is not told apart from one that does not exist."""
+        owner = await self._keys.get(_hashed("response", response_id))
+        if owner is None or not hmac.compare_digest(owner, user.encode()):
+            if param is not None:
+                raise bad_request(f"No response with id '{response_id[:64]}' of yours.", param=param,
+                                  code="response_not_found")
+            raise GatewayError(404, "No response with this id; it may have expired.", code="response_not_found")
+

@@ -30,7 +30,7 @@ def _type_name(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
+def invalid_type(param: str, expected: str, value: Any) -> GatewayError:
     return bad_request(
         f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
         param=param,
@@ -38,11 +38,11 @@ def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
     )
 
 
-def _check_name(param: str, value: Any) -> None:
+def check_name(param: str, value: Any) -> None:
     """A required name (a model, a role): a string with something in it. An empty one is told
     as empty, not as a type mismatch ("expected a string, but got a string")."""
     if not isinstance(value, str):
-        raise _invalid_type(param, "a string", value)
+        raise invalid_type(param, "a string", value)
     if not value.strip():
         raise bad_request(f"'{param}' must not be empty.", param=param, code="empty_string")
 
@@ -64,24 +64,24 @@ class ChatRequest:
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list):
-        raise _invalid_type("messages", "an array", messages)
+        raise invalid_type("messages", "an array", messages)
     if not messages:
         raise bad_request("'messages' must contain at least one message.", param="messages", code="empty_array")
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise _invalid_type(param, "an object", message)
+            raise invalid_type(param, "an object", message)
         role = message.get("role")
         if role is None:
             raise bad_request(
                 f"Missing required parameter: '{param}.role'.", param=f"{param}.role", code="missing_required_parameter"
             )
-        _check_name(f"{param}.role", role)
+        check_name(f"{param}.role", role)
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
+            raise invalid_type(f"{param}.content", "a string or an array of content parts", content)
         if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
-            raise _invalid_type(f"{param}.content", "an array of content part objects", content)
+            raise invalid_type(f"{param}.content", "an array of content part objects", content)
 
 
 def _is_string_list(value: Any) -> bool:
@@ -157,14 +157,14 @@ def parse_chat_request(body: bytes, *, force_stream: bool = False, caps: Request
     model = payload.get("model")
     if model is None:
         raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-    _check_name("model", model)
+    check_name("model", model)
     if "messages" not in payload:
         raise bad_request("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     _check_messages(payload["messages"])
     for name, (valid, expected) in _OPTIONAL_TYPES.items():
         value = payload.get(name)
         if value is not None and not valid(value):
-            raise _invalid_type(name, expected, value)
+            raise invalid_type(name, expected, value)
     for name in _POSITIVE:
         value = payload.get(name)
         if value is not None and value < 1:

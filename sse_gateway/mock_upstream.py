@@ -12,6 +12,8 @@ so that joining the chunks gives the message exactly; `mock-count` streams `max_
 `mock_first_token_delay`, `mock_head_delay` (seconds before the response head), `mock_fail_after`
 (drop the connection after N chunks), `mock_error_status` (answer that status with an OpenAI
 error body). The wire format follows a real capture (`shared/samples/openai_chat_stream.sse`).
+It also speaks the Responses API (`POST /v1/responses`, `GET /v1/responses/<id>`; see
+mock_responses.py), with the same models and controls.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from .mock_responses import ResponseAnswer, input_text
+
 __all__ = ["MockModel", "MockRequest", "MODELS", "split_words"]
 
 log = logging.getLogger("sse_gateway.mock")
@@ -39,6 +43,7 @@ log = logging.getLogger("sse_gateway.mock")
 MODELS = ("mock-echo", "mock-count")
 DEFAULT_COUNT = 16
 MAX_COUNT = 100_000  # tokens mock-count generates at most, whatever max_tokens says (then: "length")
+KEPT_RESPONSES = 256  # finished Responses API answers kept for GET /v1/responses/<id>
 YIELD_EVERY = 64  # frames written without a delay between them before the loop gets a turn
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
 T = TypeVar("T")
@@ -64,6 +69,8 @@ class MockRequest:
 
     @property
     def last_user_text(self) -> str:
+        if "input" in self.body and "messages" not in self.body:  # a Responses API request
+            return input_text(self.body)
         return _last_user_text(self.body.get("messages") or [])
 
 
@@ -161,10 +168,14 @@ class MockModel:
         self._runner: web.AppRunner | None = None
         self._start_lock = asyncio.Lock()
         self.base_url: str | None = None
+        self.responses: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # id -> finished response
 
     def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._chat)
+        app.router.add_get("/v1/responses/{id}", self._get_response)
+        app.router.add_post("/v1/responses/{id}/cancel", self._cancel_response)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -225,6 +236,26 @@ class MockModel:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "sse-gateway-mock"} for name in MODELS]
         return web.json_response({"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode())
 
+    async def _get_response(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        body = self.responses.get(request.match_info["id"])
+        if body is None:
+            return _error(404, "No response with that id.", "invalid_request_error", "not_found")
+        return web.Response(body=body, content_type="application/json")
+
+    async def _cancel_response(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if request.match_info["id"] not in self.responses:
+            return _error(404, "No response with that id.", "invalid_request_error", "not_found")
+        return _error(400, "Only responses created with background=true can be cancelled.", "invalid_request_error", None)
+
+    def _keep(self, answer: ResponseAnswer) -> None:
+        self.responses[answer.id] = answer.completed()
+        while len(self.responses) > KEPT_RESPONSES:
+            self.responses.popitem(last=False)
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = orjson.loads(await request.read())
@@ -267,14 +298,23 @@ class MockModel:
         model = body.get("model")
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
-        answer = _Answer(model, self._pieces(model, body), body.get("messages") or [])
-        if not body.get("stream"):
-            if first_delay:
-                await asyncio.sleep(first_delay)
-            return web.Response(body=answer.completion(), content_type="application/json")
-
-        options = body.get("stream_options")
-        frames = answer.frames(include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
+        if request.path.endswith("/responses"):
+            answer = ResponseAnswer(model, self._pieces(model, body), body, len(split_words(input_text(body))))
+            if not body.get("stream"):
+                if first_delay:
+                    await asyncio.sleep(first_delay)
+                self._keep(answer)
+                return web.Response(body=answer.completed(), content_type="application/json")
+            frames = answer.frames()
+            self._keep(answer)  # GET /v1/responses/<id> finds it (complete, as the mock knows it will be)
+        else:
+            chat = _Answer(model, self._pieces(model, body), body.get("messages") or [])
+            if not body.get("stream"):
+                if first_delay:
+                    await asyncio.sleep(first_delay)
+                return web.Response(body=chat.completion(), content_type="application/json")
+            options = body.get("stream_options")
+            frames = chat.frames(include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         record.head_sent = True
@@ -298,8 +338,10 @@ class MockModel:
 
     def _pieces(self, model: str, body: dict[str, Any]) -> Sequence[str]:
         if model == "mock-count":
-            count = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_COUNT
+            count = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens") or DEFAULT_COUNT
             return _Counting(min(int(count), MAX_COUNT))
+        if "input" in body and "messages" not in body:
+            return split_words(input_text(body))
         return split_words(_last_user_text(body.get("messages") or []))
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .deadlines import Deadlines
 from .errors import GatewayError, server_error
@@ -69,6 +69,41 @@ def restarting() -> GatewayError:
     )
 
 
+class Dialect(Protocol):
+    """What differs between the APIs a stream relays: chat completions (anonymous `data:`
+    chunks, ended by [DONE]) and the Responses API (named events, ended by a terminal event)."""
+
+    events: bool  # chunks are whole events (`event:` and `data:` lines), not bare data
+
+    def carries_content(self, payload: bytes, obj: dict[str, Any] | None) -> bool: ...
+
+    async def open(self, upstream: UpstreamClient, payload: dict[str, Any]) -> ChatStream: ...
+
+    def final(self, error: GatewayError | None, stopped: bool, body: ChatStream | None,
+              next_id: Callable[[], str]) -> list[bytes]:
+        """The frames that end the stream's log: after a failure (`error`), a stop, or the end."""
+
+
+class ChatDialect:
+    events = False
+
+    def carries_content(self, payload: bytes, obj: dict[str, Any] | None) -> bool:
+        return carries_content(payload, obj)
+
+    async def open(self, upstream: UpstreamClient, payload: dict[str, Any]) -> ChatStream:
+        return await upstream.open_chat_stream(payload)
+
+    def final(self, error: GatewayError | None, stopped: bool, body: ChatStream | None,
+              next_id: Callable[[], str]) -> list[bytes]:
+        """An error frame after a failure, then [DONE] whatever happened."""
+        frames = [encode_event(error.to_json(), id=next_id())] if error is not None else []
+        frames.append(encode_event(DONE_DATA, id=next_id()))
+        return frames
+
+
+CHAT = ChatDialect()
+
+
 def with_usage_requested(payload: dict[str, Any]) -> dict[str, Any]:
     """The request as sent upstream: asking for the usage chunk, which the gateway records."""
     options = payload.get("stream_options")
@@ -80,14 +115,15 @@ class Producer:
 
     __slots__ = (
         "stream_id", "_id", "_logs", "_upstream", "_request", "_policy", "_meter", "_metrics", "_deadlines",
-        "_on_end", "_task", "_body", "_seq", "_first_token", "_began", "_last", "_lifetime_at", "_ending", "_loop", "started",
+        "_on_end", "_task", "_body", "_dialect", "_seq", "_first_token", "_began", "_last", "_lifetime_at", "_ending", "_loop", "started",
         "ended", "recording", "deadline_at",
     )
 
     def __init__(self, stream_id: str, logs: StreamLogs, upstream: UpstreamClient, payload: dict[str, Any],
                  policy: LogPolicy, meter: UsageMeter | None, metrics: Metrics, deadlines: Deadlines,
-                 on_end: Callable[[Producer], None]) -> None:
+                 on_end: Callable[[Producer], None], dialect: Dialect = CHAT) -> None:
         self.stream_id = stream_id
+        self._dialect = dialect
         self._id = stream_id.encode()
         self._logs = logs
         self._upstream = upstream
@@ -123,7 +159,7 @@ class Producer:
         request, self._request = self._request, None  # not kept for the stream's life
         assert request is not None
         try:
-            body = await self._upstream.open_chat_stream(request)
+            body = await self._dialect.open(self._upstream, request)
             await self._logs.set_running(self.stream_id)
         except asyncio.CancelledError:  # stopped before the head came; stop() wrote the end
             if body is not None:
@@ -179,12 +215,13 @@ class Producer:
         metrics = self._metrics
         if self._first_token:
             metrics.token_gap.observe(now - self._last)
-        elif any(carries_content(payload, obj) for payload, obj in chunks):
+        elif any(self._dialect.carries_content(payload, obj) for payload, obj in chunks):
             self._first_token = True  # the first content: not the role chunk that comes before it
             metrics.time_to_first_token.observe(now - self._began)
         self._last = now
         meter = self._meter
         room = self._policy.max_events - 2 - self._seq  # keep room for the error frame and [DONE]
+        events = self._dialect.events
         frames = []
         for payload, obj in chunks:
             if meter is not None and not meter.see(payload, obj):
@@ -192,7 +229,9 @@ class Producer:
             if len(frames) == room:
                 raise too_long(self._policy.max_events)
             self._seq += 1
-            if b"\n" in payload:  # data of several lines: one data: line each
+            if events:  # a whole event, `event:` and `data:` lines
+                frames.append(b"id: %b:%d\n%b\n\n" % (self._id, self._seq, payload))
+            elif b"\n" in payload:  # data of several lines: one data: line each
                 frames.append(encode_event(payload, id=f"{self.stream_id}:{self._seq}"))
             else:
                 frames.append(b"id: %b:%d\ndata: %b\n\n" % (self._id, self._seq, payload))
@@ -252,8 +291,7 @@ class Producer:
             body.close()  # a failure or a stop: the upstream request ends here too
         if not self.started.done():
             self.started.set_result(start_error)
-        final = [encode_event(error.to_json(), id=self._next_id())] if error is not None else []
-        final.append(encode_event(DONE_DATA, id=self._next_id()))
+        final = self._dialect.final(error, state == StreamState.CANCELLED, body, self._next_id)
         self.recording = self._loop.create_task(
             self._record_end(state, final, start_error, ended_early if started else None, started),
             name=f"end-{self.stream_id}",

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .access import IdempotencyKeys, ReadTickets, Sessions
+from .access import IdempotencyKeys, ReadTickets, ResponseOwners, Sessions
 from .auth import ApiKeys
 from .chat import RequestCaps
 from .config import Settings
@@ -30,6 +30,7 @@ from .usage import Prices, SqliteUsageBook, UsageBook
 # An Idempotency-Key is remembered this long beyond a finished stream's retention, so that it
 # outlives the generation it started.
 IDEMPOTENCY_MARGIN = 3600.0
+RESPONSE_OWNER_TTL = 30 * 86400.0  # as long as OpenAI keeps a stored response
 
 __all__ = ["Services"]
 
@@ -45,6 +46,7 @@ class Services:
     streams: Streams
     tickets: ReadTickets
     sessions: Sessions
+    response_owners: ResponseOwners
     push_policy: PushPolicy
     deadlines: Deadlines  # heartbeats, stalled writes, silent upstreams: one timer for all
     policy: Policy
@@ -118,6 +120,7 @@ class Services:
             streams=streams,
             tickets=ReadTickets(store.keys, ttl=settings.ticket_ttl),
             sessions=Sessions(store.keys, ttl=settings.session_ttl),
+            response_owners=ResponseOwners(store.keys, ttl=RESPONSE_OWNER_TTL),
             push_policy=PushPolicy(retention=settings.events_retention, keep=settings.events_max),
             deadlines=deadlines,
             policy=policy,

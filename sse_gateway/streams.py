@@ -28,7 +28,7 @@ from .deadlines import Deadlines
 from .errors import GatewayError, bad_request
 from .limits import Limiter
 from .metrics import Metrics
-from .producer import NO_READER, SHUTDOWN, STOP, LogPolicy, Producer
+from .producer import CHAT, NO_READER, SHUTDOWN, STOP, Dialect, LogPolicy, Producer
 from .store import ControlBus, StoreUnavailable, StreamInfo, StreamLogs, StreamState
 from .upstream import UpstreamClient
 from .usage import Prices, Settles, UsageBook, UsageMeter, UsageRow, estimate_tokens, text_of, today
@@ -110,11 +110,11 @@ class Producers:
         return self._running.get(stream_id)
 
     def start(self, stream_id: str, payload: dict[str, Any], meter: UsageMeter | None,
-              on_idle: Callable[[], None], *, read: bool) -> Producer:
+              on_idle: Callable[[], None], *, read: bool, dialect: Dialect = CHAT) -> Producer:
         """Start generating. `on_idle` runs when the stream's readers are all gone, and when it
         ends. A stream not `read` yet is cancelled once the grace is over, unless a reader comes."""
         producer = Producer(stream_id, self.logs, self.upstream, payload, self.policy, meter, self.metrics,
-                            self.deadlines, self._ended)
+                            self.deadlines, self._ended, dialect)
         self._running[stream_id] = producer
         self._on_end[stream_id] = on_idle
         self.metrics.streams += 1
@@ -316,13 +316,15 @@ class Streams:
         await self.logs.end(stream_id, StreamState.CANCELLED, [], retention=0)
 
     def start(self, stream_id: str, owner: str, payload: dict[str, Any], *, read: bool = False,
-              reservation: Settles | None = None) -> None:
+              reservation: Settles | None = None, meter: UsageMeter | None = None, dialect: Dialect = CHAT) -> None:
         """Start generating; `read`: a reader is counted already (it came with the request).
-        The stream settles `reservation` (the request's tokens of the day) when it ends."""
-        options = payload.get("stream_options")
-        meter = UsageMeter(self.usage, self.prices, owner, str(payload.get("model")), payload.get("messages") or [],
-                           client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
-                           reservation=reservation)
+        The stream settles `reservation` (the request's tokens of the day) when it ends; `meter`
+        (a chat request's by default) records what it used."""
+        if meter is None:
+            options = payload.get("stream_options")
+            meter = UsageMeter(self.usage, self.prices, owner, str(payload.get("model")), payload.get("messages") or [],
+                               client_wants_usage=isinstance(options, dict) and options.get("include_usage") is True,
+                               reservation=reservation)
         freed = False
 
         def free_slot() -> None:  # once: when the readers leave, or when the stream ends
@@ -331,7 +333,7 @@ class Streams:
                 freed = True
                 self.producers.spawn(self.limiter.free_stream(owner, stream_id))
 
-        self.producers.start(stream_id, payload, meter, free_slot, read=read)
+        self.producers.start(stream_id, payload, meter, free_slot, read=read, dialect=dialect)
 
     async def add_reader(self, stream_id: str) -> None:
         """Count a reader (on any instance); the stream's producer learns its first one."""

@@ -192,7 +192,7 @@ def _has_finish_reason(obj: dict[str, Any]) -> bool:
     return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
 
 
-def _parse(payload: bytes) -> dict[str, Any]:
+def parse_chunk(payload: bytes) -> dict[str, Any]:
     try:
         obj = load_upstream_json(payload)
     except ValueError:
@@ -308,38 +308,45 @@ class ChatStream:
             data, failure = content._read_nowait(-1), dropped()
         chunks: list[Chunk] = []
         done = False
-        secret = self._secret
         if data:
             self.last_data = time.monotonic()
             try:
-                for event, payload in self._events.feed(data):
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    if secret is not None and secret in payload:
-                        payload = redact(payload, secret)
-                    obj = None
-                    if event is not None or _needs_reading(payload):
-                        obj = _parse(payload)
-                        error = obj.get("error")
-                        if event == b"error" or error:
-                            raise error_from_chunk(error if isinstance(error, dict) else {})
-                        self._saw_finish_reason = self._saw_finish_reason or _has_finish_reason(obj)
-                    chunks.append((payload, obj))
+                done = self._decode(data, chunks)
             except DecodeError as exc:
                 failure = malformed(str(exc))
             except UpstreamError as exc:
                 failure = exc
         if not done and failure is None and self._content.at_eof():
-            # A clean end without [DONE]: complete if the model said why it stopped (some
-            # OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short.
-            done = self._saw_finish_reason
+            done = self._complete_without_end()
             failure = None if done else dropped()
         if done or failure is not None:
             self.ended = True
             self.failure = failure
             self.listen(None)
         return chunks
+
+    def _decode(self, data: bytes, chunks: list[Chunk]) -> bool:
+        """Append the chunks in `data` to `chunks`; True once the upstream's [DONE] came."""
+        secret = self._secret
+        for event, payload in self._events.feed(data):
+            if payload == b"[DONE]":
+                return True
+            if secret is not None and secret in payload:
+                payload = redact(payload, secret)
+            obj = None
+            if event is not None or _needs_reading(payload):
+                obj = parse_chunk(payload)
+                error = obj.get("error")
+                if event == b"error" or error:
+                    raise error_from_chunk(error if isinstance(error, dict) else {})
+                self._saw_finish_reason = self._saw_finish_reason or _has_finish_reason(obj)
+            chunks.append((payload, obj))
+        return False
+
+    def _complete_without_end(self) -> bool:
+        """A clean end of the body without [DONE]: complete if the model said why it stopped
+        (some OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short."""
+        return self._saw_finish_reason
 
     def pause(self) -> None:
         """Stop reading the upstream's socket (the log is behind); `resume()` starts again.
@@ -431,11 +438,15 @@ class UpstreamClient:
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> ChatStream:
         """POST a streaming chat request; return once the head says 200 and the body is SSE."""
-        response = await self._send("POST", "/chat/completions", body=orjson.dumps(payload), accept="text/event-stream")
+        return await self.open_stream("/chat/completions", payload, ChatStream)
+
+    async def open_stream(self, path: str, payload: dict[str, Any], kind: type[ChatStream]) -> ChatStream:
+        """POST a streaming request to `path`; its body read as `kind` once the head says 200 and SSE."""
+        response = await self._send("POST", path, body=orjson.dumps(payload), accept="text/event-stream")
         if response.content_type != "text/event-stream":
             response.close()
             raise malformed(f"{response.content_type or 'no content type'} where an event stream was expected")
-        return ChatStream(response, self._secret)
+        return kind(response, self._secret)
 
     async def _read_json(self, response: aiohttp.ClientResponse) -> bytes:
         try:
@@ -458,6 +469,12 @@ class UpstreamClient:
     async def chat(self, payload: dict[str, Any]) -> bytes:
         """A non-streaming completion: the upstream's JSON, unchanged."""
         response = await self._send("POST", "/chat/completions", body=orjson.dumps(payload), accept="application/json")
+        return await self._read_json(response)
+
+    async def call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> bytes:
+        """Any other JSON call (the Responses API's): the upstream's JSON, unchanged."""
+        body = orjson.dumps(payload) if payload is not None else None
+        response = await self._send(method, path, body=body, accept="application/json")
         return await self._read_json(response)
 
     async def models(self) -> bytes:

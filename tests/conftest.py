@@ -317,7 +317,8 @@ def http(io_loop) -> Iterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 def scripted_upstream(io_loop) -> Iterator[Callable[..., Awaitable[str]]]:
-    """`await scripted_upstream(handler)` starts an upstream answering chat requests with `handler`.
+    """`await scripted_upstream(handler)` starts an upstream answering chat (and Responses API)
+    requests with `handler`.
 
     For faults the mock model has no switch for: wrong content types, malformed chunks, a
     stream that ends without [DONE]. Returns the base URL (ending in /v1).
@@ -327,6 +328,7 @@ def scripted_upstream(io_loop) -> Iterator[Callable[..., Awaitable[str]]]:
     async def start(handler: Callable[[web.Request], Any], models: Callable[[web.Request], Any] | None = None) -> str:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", handler)
+        app.router.add_post("/v1/responses", handler)  # the Responses API's requests, to the same script
         if models is not None:
             app.router.add_get("/v1/models", models)
         runner = web.AppRunner(app, handler_cancellation=True)
