@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from sse_gateway import logs
 from sse_gateway.chat import ChatRequest, parse_chat_request, with_system_prompt
@@ -44,15 +46,22 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
         if not request.stream:
             await self._complete(request)
             return
+        await self.stream_answer(request.payload, lambda stream_id: self.services.streams.start(
+            stream_id, self.user, request.payload, read=True, reservation=self.reservation))
+
+    async def stream_answer(self, payload: dict[str, Any], start: Callable[[str], None]) -> None:
+        """Serve the stream of `payload`: a new one, which `start(stream_id)` sets generating (it
+        takes the request's reservation over), or the one this user's same request (by its
+        Idempotency-Key) started, from after its Last-Event-ID."""
         streams = self.services.streams
         # Counted as the stream's reader from its creation, so that it never lacks one.
-        stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key(), reader=True)
+        stream_id, is_new = await streams.open(self.user, payload, self.idempotency_key(), reader=True)
         self.stream_id = stream_id
         logs.stream_id.set(stream_id)
         try:
             position = 0 if is_new else await self._resume_position(stream_id)
             if is_new:
-                streams.start(stream_id, self.user, request.payload, read=True, reservation=self.reservation)
+                start(stream_id)
                 self.reservation = None  # the stream settles it
             # The head waits for the upstream's, one heartbeat interval at most (§4.1).
             error = await streams.started(stream_id, self.services.settings.heartbeat_interval)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from sse_gateway import logs
-from sse_gateway.delivery import LogDelivery
 from sse_gateway.errors import GatewayError
 from sse_gateway.responses import (
     PATH,
@@ -68,25 +66,10 @@ class ResponsesHandler(ChatCompletionsHandler):
         if not request.stream:
             await self._complete_response(request)
             return
-        streams = self.services.streams
-        stream_id, is_new = await streams.open(self.user, request.payload, self.idempotency_key(), reader=True)
-        self.stream_id = stream_id
-        logs.stream_id.set(stream_id)
-        try:
-            position = 0 if is_new else await self._resume_position(stream_id)
-            if is_new:
-                meter = self._meter(request, remember=True)
-                streams.start(stream_id, self.user, request.payload, read=True, reservation=self.reservation,
-                              meter=meter, dialect=RESPONSES)
-                self.reservation = None  # the stream settles it
-            error = await streams.started(stream_id, self.services.settings.heartbeat_interval)
-            if error is not None:
-                raise error
-        except BaseException:
-            await streams.remove_reader(stream_id)
-            raise
-        delivery = LogDelivery(self.services.store.logs, stream_id, position, self.services.metrics)
-        await self.serve_events(delivery, stream_id=stream_id, on_over=lambda: streams.reader_left(stream_id))
+        meter = self._meter(request, remember=True)
+        await self.stream_answer(request.payload, lambda stream_id: self.services.streams.start(
+            stream_id, self.user, request.payload, read=True, reservation=self.reservation, meter=meter,
+            dialect=RESPONSES))
 
     async def _complete_response(self, request: ResponsesRequest) -> None:
         services = self.services
