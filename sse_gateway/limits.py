@@ -72,9 +72,13 @@ class Reservation:
 
 
 def reserve_for(payload: dict[str, Any]) -> int:
-    """What a chat request may use: its prompt, estimated, and the answer it allows."""
-    answer = payload.get("max_completion_tokens") or payload.get("max_tokens") or DEFAULT_COMPLETION_RESERVE
-    return estimate_tokens(text_of(payload.get("messages") or [])) + int(answer)
+    """What a request may use: its prompt, estimated, and the answer it allows (a chat request's
+    `messages` and `max_tokens`, or a Responses request's `input` and `max_output_tokens`)."""
+    answer = (payload.get("max_completion_tokens") or payload.get("max_tokens") or payload.get("max_output_tokens")
+              or DEFAULT_COMPLETION_RESERVE)
+    prompt = payload.get("input")
+    text = prompt if isinstance(prompt, str) else text_of(payload.get("messages") or (prompt if isinstance(prompt, list) else []))
+    return estimate_tokens(text) + int(answer)
 
 
 class Limiter:

@@ -212,3 +212,12 @@ async def test_heartbeats_cover_a_model_that_thinks(gateway, http):
     events = await reader.read_all()
     assert reader.comments  # ": ping" while the model thought (0.3 s interval)
     check_whole(events, "slow")
+
+
+def test_a_responses_request_reserves_its_input_and_its_output_cap():
+    """Daily token limits count a Responses request as a chat one: its prompt and its answer's cap."""
+    from sse_gateway.limits import reserve_for
+
+    assert reserve_for({"input": "x" * 400, "max_output_tokens": 7}) == 100 + 7
+    assert reserve_for({"input": [{"role": "user", "content": "y" * 40}], "max_output_tokens": 3}) == 10 + 3
+    assert reserve_for({"messages": [{"role": "user", "content": "z" * 8}], "max_tokens": 5}) == 2 + 5
