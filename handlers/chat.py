@@ -67,6 +67,8 @@ class ChatCompletionsHandler(JsonBodyHandler, EventStreamMixin):
             error = await streams.started(stream_id, self.services.settings.heartbeat_interval)
             if error is not None:
                 raise error
+            if self.services.settings.upstreams:
+                await self.name_upstream(stream_id)
         except BaseException:
             await streams.remove_reader(stream_id)
             raise

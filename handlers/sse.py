@@ -17,6 +17,7 @@ from sse_gateway.delivery import Delivery
 from sse_gateway.errors import GatewayError
 from sse_gateway.frames import PING, encode_retry
 from sse_gateway.services import Services
+from sse_gateway.store import StreamInfo
 
 from .base import ApiHandler
 from .wire import EventWriter
@@ -58,6 +59,13 @@ class EventStreamMixin(ApiHandler):
     def initialize(self, services: Services) -> None:
         self.arrived = time.monotonic()
         super().initialize(services)
+
+    async def name_upstream(self, stream_id: str, info: StreamInfo | None = None) -> None:
+        """`X-Upstream`: which of several upstreams answers the stream, once one has (its head
+        may go out before: a fallback can still be under way then)."""
+        info = info or await self.services.store.logs.info(stream_id)
+        if info is not None and info.upstream:
+            self.set_header("X-Upstream", info.upstream)
 
     async def serve_events(self, delivery: Delivery, *, stream_id: str | None = None,
                            on_over: Callable[[], None] | None = None) -> None:

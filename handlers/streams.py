@@ -67,6 +67,7 @@ class StreamHandler(EventStreamMixin):
             self.set_status(204)  # the reader has everything, [DONE] included: stop reconnecting
             return
         streams = self.services.streams
+        await self.name_upstream(stream_id, info)
         await streams.add_reader(stream_id)
         delivery = LogDelivery(self.services.store.logs, stream_id, position, self.services.metrics)
         await self.serve_events(delivery, stream_id=stream_id, on_over=lambda: streams.reader_left(stream_id))

@@ -32,6 +32,7 @@ class Settings:
     port: int = 8000
     upstream_url: str | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
+    upstreams: str | None = field(default=None, repr=False)  # the routing table's JSON (routing.py), checked
     redis_url: str | None = field(default=None, repr=False)
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     admin_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -131,6 +132,19 @@ def parse_upstream_url(value: str) -> str:
     if not parts.path.endswith("/v1"):
         raise argparse.ArgumentTypeError(f"{value!r} must be the API's base URL, ending in /v1")
     return url
+
+
+def _routing_table(value: str) -> str:
+    """--upstreams: `@path` to a JSON routing table (or the JSON itself); checked here, so that a
+    mistake stops the start with a message (routing.parse_routes)."""
+    from .routing import parse_routes
+
+    text = value if value.lstrip().startswith("[") else _read_secret(value if value.startswith("@") else "@" + value)
+    try:
+        parse_routes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _secret_url(value: str) -> str:
@@ -237,6 +251,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "port": (_port, "TCP port to listen on (0 picks a free one)"),
     "upstream-url": (parse_upstream_url, "OpenAI-compatible base URL ending in /v1; unset: built-in mock model"),
     "upstream-api-key": (_read_secret, "key sent to the upstream as a Bearer token (or @file)"),
+    "upstreams": (_routing_table, ("@file: JSON routing table of several upstreams (by model, with fallback); "
+                                   "instead of --upstream-url")),
     "redis-url": (_secret_url, "redis:// URL (or redis+cluster://host:port[,host:port…] for a Redis Cluster) for shared state, as several instances need; unset: in-memory"),
     "api-keys": (parse_api_keys, "client keys as key:user,key:user (or @file); unset: open dev mode"),
     "admin-keys": (parse_admin_keys, "admin keys, comma-separated (or @file)"),
@@ -320,6 +336,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     values["log_level"] = level
     if values["log_format"] not in ("text", "json"):
         parser.error(f"--log-format: {values['log_format']!r} is not text or json")
+    if values["upstreams"] and (values["upstream_url"] or values["upstream_api_key"]):
+        parser.error("--upstreams replaces --upstream-url and --upstream-api-key: give one or the other")
     if values["processes"] > 1 and not values["redis_url"]:
         parser.error("--processes above 1 needs --redis-url: processes share streams and sessions through Redis")
     return Settings(**values)

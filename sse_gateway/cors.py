@@ -14,7 +14,7 @@ __all__ = ["CorsPolicy"]
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, Idempotency-Key"
-EXPOSE_HEADERS = "X-Stream-Id, X-Request-Id, Retry-After"
+EXPOSE_HEADERS = "X-Stream-Id, X-Request-Id, X-Upstream, Retry-After"
 MAX_AGE = "600"
 
 

@@ -14,7 +14,13 @@ import bisect
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import Histogram as LabelledHistogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -65,6 +71,21 @@ class _HotNumbers(Collector):
         yield m.token_gap.family()
 
 
+class _Breakers(Collector):
+    STATES = ("closed", "half-open", "open")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("sse_upstream_breaker", "1 for the state each upstream's circuit breaker is in.",
+                                   labels=["upstream", "state"])
+        for name, current in self._metrics._breakers():
+            for state in self.STATES:
+                family.add_metric([name, state], 1.0 if state == current else 0.0)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -89,6 +110,21 @@ class Metrics:
         )
         self.cancellations = Counter("sse_stream_cancellations", "Streams cancelled, by reason.", ["reason"], registry=r)
         self.rejections = Counter("sse_limit_rejections", "Requests refused by a limit, by limit.", ["limit"], registry=r)
+        # Several upstreams (--upstreams): per upstream, by its name in the routing table.
+        self.upstream_requests = Counter("sse_upstream_requests", "Requests sent to an upstream.", ["upstream"], registry=r)
+        self.upstream_failures = Counter("sse_upstream_failures", "Upstream failures before the first token, by kind.",
+                                         ["upstream", "kind"], registry=r)
+        self.upstream_fallbacks = Counter("sse_upstream_fallbacks", "Requests moved on from an upstream that failed them.",
+                                          ["upstream"], registry=r)
+        self.upstream_first_token = LabelledHistogram(
+            "sse_upstream_first_token_seconds", "From a request to an upstream to its first content (or its answer).",
+            ["upstream"], buckets=_LATENCY, registry=r)
+        self._breakers: Callable[[], list[tuple[str, str]]] = list
+        r.register(_Breakers(self))
+
+    def watch_breakers(self, states: Callable[[], list[tuple[str, str]]]) -> None:
+        """Report each upstream's circuit breaker: `states()` gives (name, state) pairs."""
+        self._breakers = states
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -163,6 +163,10 @@ class MockModel:
     def __init__(self, token_delay: float = 0.0, api_key: str | None = None, history: int = 1000) -> None:
         self.token_delay = token_delay
         self.api_key = api_key
+        # Test controls for every request, as if each body had them (a body's own win): one mock
+        # of several upstreams can fail while the others answer. `mock_error_event`: a 200 whose
+        # first event is an error.
+        self.controls: dict[str, Any] = {}
         self.requests: collections.deque[MockRequest] = collections.deque(maxlen=history)
         self._change = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -279,6 +283,7 @@ class MockModel:
     async def _answer(self, request: web.Request, body: dict[str, Any], record: MockRequest) -> web.StreamResponse:
         if not self._authorized(request):
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        body = {**self.controls, **body}
         try:
             head_delay = _number(body, "mock_head_delay", 0)
             first_delay = _number(body, "mock_first_token_delay", 0)
@@ -298,6 +303,12 @@ class MockModel:
         model = body.get("model")
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+        if body.get("mock_error_event") and body.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            error = {"error": {"message": "Mock failure in the first event.", "type": "server_error", "code": "mock_error"}}
+            await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
+            return response
         if request.path.endswith("/responses"):
             answer = ResponseAnswer(model, self._pieces(model, body), body, len(split_words(input_text(body))))
             if not body.get("stream"):

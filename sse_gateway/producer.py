@@ -160,7 +160,7 @@ class Producer:
         assert request is not None
         try:
             body = await self._dialect.open(self._upstream, request)
-            await self._logs.set_running(self.stream_id)
+            await self._logs.set_running(self.stream_id, body.served_by)
         except asyncio.CancelledError:  # stopped before the head came; stop() wrote the end
             if body is not None:
                 body.close()

@@ -139,7 +139,7 @@ class ResponsesDialect:
         return _DELTA in payload
 
     async def open(self, upstream: UpstreamClient, payload: dict[str, Any]) -> ChatStream:
-        return await upstream.open_stream(PATH, payload, ResponsesStream)
+        return await upstream.open_stream(PATH, payload, ResponsesStream, self.carries_content)
 
     def final(self, error: GatewayError | None, stopped: bool, body: ChatStream | None, next_id: Any) -> list[bytes]:
         """Nothing after a terminal event; an `error` event when the stream was cut short."""

@@ -24,6 +24,7 @@ from .producer import LogPolicy
 from .push import PushPolicy
 from .store import Store, open_store
 from .streams import Producers, Streams
+from .routing import Router, parse_routes
 from .upstream import UpstreamClient
 from .usage import Prices, SqliteUsageBook, UsageBook
 
@@ -41,7 +42,7 @@ class Services:
     keys: ApiKeys
     admin_keys: ApiKeys
     cors: CorsPolicy
-    upstream: UpstreamClient
+    upstream: UpstreamClient | Router  # one upstream, or several (--upstreams)
     store: Store
     streams: Streams
     tickets: ReadTickets
@@ -64,19 +65,25 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         mock = None
+        metrics = Metrics()
         base_url: str | Callable[[], Awaitable[str]]
-        if settings.upstream_url is None:
+        if settings.upstream_url is None and not settings.upstreams:
             # Started on first use, inside the running loop, on a free loopback port.
             mock = MockModel(token_delay=settings.mock_token_delay)
             base_url = mock.start
         else:
             base_url = settings.upstream_url
-        upstream = UpstreamClient(
-            base_url,
-            api_key=settings.upstream_api_key,
-            connect_timeout=settings.upstream_connect_timeout,
-            idle_timeout=settings.upstream_idle_timeout,
-        )
+        upstream: UpstreamClient | Router
+        if settings.upstreams:
+            upstream = Router(parse_routes(settings.upstreams, connect_timeout=settings.upstream_connect_timeout,
+                                           idle_timeout=settings.upstream_idle_timeout), metrics)
+        else:
+            upstream = UpstreamClient(
+                base_url,
+                api_key=settings.upstream_api_key,
+                connect_timeout=settings.upstream_connect_timeout,
+                idle_timeout=settings.upstream_idle_timeout,
+            )
         store = open_store(settings.redis_url, retained_bytes=settings.stream_retention_bytes,
                            lease=settings.instance_lease)
         usage: UsageBook
@@ -98,7 +105,6 @@ class Services:
         )
         users, model_prompts = parse_policy(settings.policy) if settings.policy else ({}, {})
         policy = Policy(default, users, model_prompts)
-        metrics = Metrics()
         metrics.retained_bytes = lambda: store.logs.retained_bytes
         prices = Prices(settings.prices)
         limiter = Limiter(store.counters, usage, policy, metrics, slot_lease=settings.instance_lease)

@@ -258,7 +258,7 @@ class ChatStream:
     """
 
     __slots__ = ("_response", "_content", "_protocol", "_events", "_saw_finish_reason", "_reading",
-                 "_secret", "ended", "failure", "last_data")
+                 "_secret", "_held", "ended", "failure", "last_data", "served_by")
 
     def __init__(self, response: aiohttp.ClientResponse, secret: bytes | None = None) -> None:
         self._response = response
@@ -277,6 +277,8 @@ class ChatStream:
         self._events = RawEventDecoder()
         self._saw_finish_reason = False
         self._reading = False
+        self._held: list[Chunk] | None = None  # read ahead (by the router, before choosing this upstream)
+        self.served_by = ""  # the upstream's name in the routing table (--upstreams)
         self.ended = False
         self.failure: UpstreamError | None = None
         self.last_data = time.monotonic()
@@ -287,6 +289,10 @@ class ChatStream:
 
     def read(self) -> list[Chunk]:
         """The chunks that arrived since the last call (until the upstream's [DONE])."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            return held + self.read()
         if self.ended or self._reading:
             return []
         self._reading = True  # reading may resume the transport, which calls the listener again
@@ -294,6 +300,10 @@ class ChatStream:
             return self._read()
         finally:
             self._reading = False
+
+    def hold(self, chunks: list[Chunk]) -> None:
+        """Give `chunks` (read ahead) back: the next read returns them first."""
+        self._held = chunks
 
     def _read(self) -> list[Chunk]:
         failure: UpstreamError | None = None
@@ -440,8 +450,10 @@ class UpstreamClient:
         """POST a streaming chat request; return once the head says 200 and the body is SSE."""
         return await self.open_stream("/chat/completions", payload, ChatStream)
 
-    async def open_stream(self, path: str, payload: dict[str, Any], kind: type[ChatStream]) -> ChatStream:
-        """POST a streaming request to `path`; its body read as `kind` once the head says 200 and SSE."""
+    async def open_stream(self, path: str, payload: dict[str, Any], kind: type[ChatStream],
+                          carries_content: Any = None) -> ChatStream:
+        """POST a streaming request to `path`; its body read as `kind` once the head says 200 and SSE.
+        (`carries_content` is for the router, which reads ahead to the first content.)"""
         response = await self._send("POST", path, body=orjson.dumps(payload), accept="text/event-stream")
         if response.content_type != "text/event-stream":
             response.close()

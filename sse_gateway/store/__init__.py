@@ -78,6 +78,7 @@ class StreamInfo:
     lost: bool = False
     model: str = ""  # what the stream asked for, and its prompt's estimated tokens: what
     prompt_tokens: int = 0  # another instance records as its usage should its producer be lost
+    upstream: str = ""  # the name of the upstream that answered (--upstreams), once it has
 
     @property
     def ended(self) -> bool:
@@ -141,7 +142,8 @@ class StreamLogs(abc.ABC):
         """The stream's state, or None when it is unknown or has expired."""
 
     @abc.abstractmethod
-    async def set_running(self, stream_id: str) -> None: ...
+    async def set_running(self, stream_id: str, upstream: str = "") -> None:
+        """The upstream (named `upstream`) has answered: the stream is generating."""
 
     @abc.abstractmethod
     def append(self, stream_id: str, frames: list[bytes]) -> bool:

@@ -31,7 +31,7 @@ class LiveReader(Protocol):
 
 
 class LocalLog:
-    __slots__ = ("owner", "instance", "state", "frames", "start_error", "failure", "live", "expires_at")
+    __slots__ = ("owner", "instance", "state", "frames", "start_error", "failure", "live", "expires_at", "upstream")
 
     def __init__(self, owner: str, instance: str) -> None:
         self.owner = owner
@@ -42,13 +42,15 @@ class LocalLog:
         self.failure: GatewayError | None = None  # the store lost a write: what readers read last
         self.live: list[LiveReader] = []
         self.expires_at: float | None = None  # set when the stream ends (memory store)
+        self.upstream = ""  # the upstream that answered (--upstreams), once it has
 
     @property
     def ended(self) -> bool:
         return self.state in ENDED
 
     def info(self, stream_id: str) -> StreamInfo:
-        return StreamInfo(stream_id, self.owner, self.state, len(self.frames), self.instance, self.start_error)
+        return StreamInfo(stream_id, self.owner, self.state, len(self.frames), self.instance, self.start_error,
+                          upstream=self.upstream)
 
     def follow(self, reader: LiveReader) -> None:
         self.live.append(reader)

@@ -126,8 +126,9 @@ class MemoryLogs(StreamLogs):
         log = self._log(stream_id)
         return log.info(stream_id) if log is not None else None
 
-    async def set_running(self, stream_id: str) -> None:
+    async def set_running(self, stream_id: str, upstream: str = "") -> None:
         log = self._running(stream_id)
+        log.upstream = upstream
         if log.state is StreamState.PENDING:
             log.state = StreamState.RUNNING
             self._wakeups.wake(stream_id)

@@ -73,7 +73,7 @@ return 1
 
 # KEYS: meta. ARGV: this instance, the publish command.
 _RUNNING = """
-redis.call('HSET', KEYS[1], 'state', 'running')
+redis.call('HSET', KEYS[1], 'state', 'running', 'upstream', ARGV[3])
 redis.call(ARGV[2], KEYS[1], ARGV[1])
 return 1
 """
@@ -177,7 +177,7 @@ class RedisLogs(StreamLogs):
             stream_id, fields[b"owner"].decode(), StreamState(fields[b"state"].decode()), length,
             fields.get(b"instance", b"").decode(), error_from_json(fields.get(b"start_error")),
             lost=fields.get(b"lost") == b"1", model=fields.get(b"model", b"").decode(),
-            prompt_tokens=int(fields.get(b"prompt_tokens") or 0),
+            prompt_tokens=int(fields.get(b"prompt_tokens") or 0), upstream=fields.get(b"upstream", b"").decode(),
         )
 
     def _here(self, stream_id: str) -> LocalLog | None:
@@ -336,10 +336,11 @@ class RedisLogs(StreamLogs):
         await asyncio.shield(task)
 
     @guarded
-    async def set_running(self, stream_id: str) -> None:
+    async def set_running(self, stream_id: str, upstream: str = "") -> None:
         async def write(produced: _Produced) -> None:
-            await self._eval(_RUNNING, [self._meta(stream_id)], self.instance, self._publish)
+            await self._eval(_RUNNING, [self._meta(stream_id)], self.instance, self._publish, upstream)
             produced.log.state = StreamState.RUNNING
+            produced.log.upstream = upstream
             self._subscriptions.wake(self._meta(stream_id))
 
         await self._commit(stream_id, write)
