@@ -40,7 +40,7 @@ class ResponsesHandler(ChatCompletionsHandler):
         allowed, a `previous_response_id` of the user's own, limits not reached, the server's
         system prompt ahead of the caller's `instructions`."""
         services = self.services
-        request = parse_responses_request(await self.read_body())
+        request = parse_responses_request(await self.read_body(), services.caps)
         services.policy.check_model(self.user, request.model)
         previous = request.payload.get("previous_response_id")
         if previous is not None:

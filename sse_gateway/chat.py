@@ -115,20 +115,24 @@ class RequestCaps:
 
 
 def _check_caps(payload: dict[str, Any], caps: RequestCaps) -> None:
-    messages = payload["messages"]
+    check_caps(payload["messages"], {name: payload.get(name) for name in ("max_tokens", "max_completion_tokens")}, caps)
+
+
+def check_caps(messages: list[Any], limits: dict[str, Any], caps: RequestCaps, *, param: str = "messages") -> None:
+    """The caps on a request's messages (`param`: what the request calls them: chat's
+    `messages`, the Responses API's `input` items) and on the tokens it asks for (`limits`)."""
     if len(messages) > caps.max_messages:
-        raise bad_request(f"Too many messages: {len(messages)}; at most {caps.max_messages}.", param="messages",
+        raise bad_request(f"Too many {param}: {len(messages)}; at most {caps.max_messages}.", param=param,
                           code="too_many_messages")
     for index, message in enumerate(messages):
-        content = message.get("content")
+        content = message.get("content") if isinstance(message, dict) else None
         size = len(content) if isinstance(content, str) else sum(
-            len(part.get("text", "")) for part in content or [] if isinstance(part.get("text"), str)
+            len(part.get("text", "")) for part in content or [] if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
         if size > caps.max_message_size:
-            raise bad_request(f"messages[{index}] is {size} characters long; at most {caps.max_message_size}.",
-                              param=f"messages[{index}].content", code="message_too_long")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = payload.get(name)
+            raise bad_request(f"{param}[{index}] is {size} characters long; at most {caps.max_message_size}.",
+                              param=f"{param}[{index}].content", code="message_too_long")
+    for name, value in limits.items():
         if caps.max_tokens and value is not None and value > caps.max_tokens:
             raise bad_request(f"'{name}' is {value}; this gateway allows at most {caps.max_tokens}.", param=name,
                               code="max_tokens_too_large")

@@ -76,8 +76,8 @@ def reserve_for(payload: dict[str, Any]) -> int:
     `messages` and `max_tokens`, or a Responses request's `input` and `max_output_tokens`)."""
     answer = (payload.get("max_completion_tokens") or payload.get("max_tokens") or payload.get("max_output_tokens")
               or DEFAULT_COMPLETION_RESERVE)
-    prompt = payload.get("input")
-    text = prompt if isinstance(prompt, str) else text_of(payload.get("messages") or (prompt if isinstance(prompt, list) else []))
+    prompt = payload.get("messages") if "messages" in payload else payload.get("input")
+    text = prompt if isinstance(prompt, str) else text_of(prompt if isinstance(prompt, list) else [])
     return estimate_tokens(text) + int(answer)
 
 

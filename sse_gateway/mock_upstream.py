@@ -99,6 +99,20 @@ def _error(status: int, message: str, type: str, code: str | None, headers: dict
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
+def _failure_event(responses: bool, failed: bool) -> bytes:
+    """A stream's first event that is a failure: chat's error chunk, or the Responses API's
+    `error` (or, `failed`, `response.failed`) event."""
+    error = {"message": "Mock failure in the first event.", "type": "server_error", "code": "mock_error"}
+    if not responses:
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    if failed:
+        data = {"type": "response.failed", "sequence_number": 0,
+                "response": {"id": "resp_mockfailed", "object": "response", "status": "failed", "error": error}}
+        return b"event: response.failed\ndata: " + orjson.dumps(data) + b"\n\n"
+    data = {"type": "error", "sequence_number": 0, "code": "mock_error", "message": error["message"], "param": None}
+    return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
 def _number(body: dict[str, Any], name: str, default: float) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -298,16 +312,15 @@ class MockModel:
             await asyncio.sleep(head_delay)
         error_status = body.get("mock_error_status")
         if isinstance(error_status, int) and 400 <= error_status <= 599:
-            headers = {"Retry-After": "1"} if error_status == 429 else None
+            headers = {"Retry-After": str(body.get("mock_retry_after", 1))} if error_status == 429 else None
             return _error(error_status, f"Mock failure with status {error_status}.", "mock_error", "mock_error", headers)
         model = body.get("model")
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
-        if body.get("mock_error_event") and body.get("stream"):
+        if (body.get("mock_error_event") or body.get("mock_failed_event")) and body.get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            error = {"error": {"message": "Mock failure in the first event.", "type": "server_error", "code": "mock_error"}}
-            await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
+            await response.write(_failure_event(request.path.endswith("/responses"), bool(body.get("mock_failed_event"))))
             return response
         if request.path.endswith("/responses"):
             answer = ResponseAnswer(model, self._pieces(model, body), body, len(split_words(input_text(body))))

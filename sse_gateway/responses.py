@@ -20,16 +20,25 @@ from typing import Any
 
 import orjson
 
-from .chat import check_name, invalid_type
+from .chat import RequestCaps, check_caps, check_name, invalid_type
 from .errors import GatewayError, bad_request, load_json_body
 from .frames import encode_event
-from .upstream import ChatStream, Chunk, UpstreamClient, parse_chunk, redact
+from .upstream import (
+    ChatStream,
+    Chunk,
+    UpstreamClient,
+    UpstreamError,
+    error_from_chunk,
+    parse_chunk,
+    redact,
+)
 from .usage import UsageMeter, estimate_tokens
 
 PATH = "/responses"
 TERMINAL = frozenset({b"response.completed", b"response.failed", b"response.incomplete", b"error"})
 _PARSED = TERMINAL | {b"response.created"}  # events the gateway reads (usage, the response's id)
-_DELTA = b'.delta"'  # a piece of the answer: output text, function arguments, a refusal, …
+_DELTA = b".delta"  # events that are a piece of the answer: output text, function arguments, a refusal, …
+_FAILED = frozenset({b"error", b"response.failed"})
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
@@ -44,9 +53,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_responses_request(body: bytes) -> ResponsesRequest:
-    """A `POST /v1/responses` body, checked for what the gateway relies on; the rest goes
-    upstream untouched."""
+def parse_responses_request(body: bytes, caps: RequestCaps | None = None) -> ResponsesRequest:
+    """A `POST /v1/responses` body, checked for what the gateway relies on and against its caps
+    (`input` items as messages, `max_output_tokens` as max_tokens); the rest goes upstream
+    untouched."""
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
     payload = load_json_body(body)
@@ -71,7 +81,15 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     ):
         if payload.get(name) is not None and not valid(payload[name]):
             raise invalid_type(name, expected, payload[name])
+    if caps is not None:
+        _check_caps(payload, caps)
     return ResponsesRequest(payload, model, payload.get("stream") is True)
+
+
+def _check_caps(payload: dict[str, Any], caps: RequestCaps) -> None:
+    value = payload.get("input")
+    items = [{"content": value}] if isinstance(value, str) else value or []
+    check_caps(items, {"max_output_tokens": payload.get("max_output_tokens")}, caps, param="input")
 
 
 def with_instructions(payload: dict[str, Any], prompt: str | None) -> dict[str, Any]:
@@ -97,15 +115,22 @@ def input_text(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def is_delta(event: bytes) -> bool:
+    """Whether an event (`event: <name>` first) is a piece of the answer, by its name."""
+    end = event.find(b"\n")
+    return event[end - 6:end] == _DELTA
+
+
 class ResponsesStream(ChatStream):
     """The upstream's Responses event stream: each event kept whole (`event:` and `data:` lines,
     as the payload of its chunk); it ends with the first terminal event."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "_end")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last = b""  # the data of the last event: its sequence number, read at the end
+        self._end: tuple[bytes, dict[str, Any] | None] | None = None  # the terminal event
 
     def _decode(self, data: bytes, chunks: list[Chunk]) -> bool:
         secret = self._secret
@@ -118,8 +143,18 @@ class ResponsesStream(ChatStream):
             lines = payload.split(b"\n") if b"\n" in payload else (payload,)
             chunks.append((b"event: " + name + b"\n" + b"\n".join(b"data: " + line for line in lines), obj))
             if name in TERMINAL:
+                self._end = (name, obj)
                 return True
         return False
+
+    def refusal(self) -> UpstreamError | None:
+        if self._end is None or self._end[0] not in _FAILED:
+            return None
+        fields = self._end[1] or {}
+        if self._end[0] == b"response.failed":
+            response = fields.get("response")
+            fields = response.get("error") if isinstance(response, dict) else None
+        return error_from_chunk(fields if isinstance(fields, dict) else {})
 
     def _complete_without_end(self) -> bool:
         return False  # the body ended before a terminal event: cut short
@@ -136,7 +171,7 @@ class ResponsesDialect:
     events = True
 
     def carries_content(self, payload: bytes, obj: dict[str, Any] | None) -> bool:
-        return _DELTA in payload
+        return is_delta(payload)
 
     async def open(self, upstream: UpstreamClient, payload: dict[str, Any]) -> ChatStream:
         return await upstream.open_stream(PATH, payload, ResponsesStream, self.carries_content)
@@ -170,7 +205,7 @@ class ResponsesMeter(UsageMeter):
 
     def see(self, payload: bytes, chunk: dict[str, Any] | None) -> bool:
         if chunk is None:
-            if _DELTA in payload:
+            if is_delta(payload):
                 self.content_chunks += 1
             return True
         response = chunk.get("response")

@@ -252,21 +252,22 @@ class Router:
             name = upstream.route.name
             if tried:
                 self.metrics.upstream_fallbacks.labels(previous).inc()
-                if tried > 1:
-                    await asyncio.sleep(min(BACKOFF_FIRST * 2 ** (tried - 2), BACKOFF_MOST))
             tried += 1
             previous = name
-            self.metrics.upstream_requests.labels(name).inc()
-            began = self.clock()
             try:
+                if tried > 2:
+                    await asyncio.sleep(min(BACKOFF_FIRST * 2 ** (tried - 3), BACKOFF_MOST))
+                self.metrics.upstream_requests.labels(name).inc()
+                began = self.clock()
                 result = await attempt(upstream)
             except UpstreamError as error:
+                if not _retried(error):  # the request's fault, not the upstream's
+                    upstream.breaker.probing = False
+                    raise
                 upstream.breaker.failed(self.clock(), (error.retry_after or 0) if error.status == 429 else 0)
                 self.metrics.upstream_failures.labels(name, error.code or "upstream_error").inc()
                 log.warning("upstream %s failed before the first token: %s %s", name, error.status, error.code)
                 last = error
-                if not _retried(error):
-                    raise
                 continue
             except BaseException:
                 upstream.breaker.probing = False  # cancelled (a stop): no verdict on the upstream
@@ -365,8 +366,9 @@ async def _first_content(body: ChatStream, carries_content: Callable[[bytes, dic
             if carries_content is None or any(carries_content(payload, obj) for payload, obj in chunks):
                 break
             if body.ended:
-                if body.failure is not None:
-                    raise body.failure
+                failure = body.failure or body.refusal()
+                if failure is not None:
+                    raise failure
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -22,9 +22,9 @@ from .mock_upstream import MockModel
 from .policy import Policy, UserPolicy, parse_policy
 from .producer import LogPolicy
 from .push import PushPolicy
+from .routing import Router, parse_routes
 from .store import Store, open_store
 from .streams import Producers, Streams
-from .routing import Router, parse_routes
 from .upstream import UpstreamClient
 from .usage import Prices, SqliteUsageBook, UsageBook
 

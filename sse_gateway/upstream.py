@@ -353,6 +353,11 @@ class ChatStream:
             chunks.append((payload, obj))
         return False
 
+    def refusal(self) -> UpstreamError | None:
+        """An answer that ended, before any content, with a failure of its own making (the
+        Responses API's `error` or `response.failed` event): another upstream may do better."""
+        return None
+
     def _complete_without_end(self) -> bool:
         """A clean end of the body without [DONE]: complete if the model said why it stopped
         (some OpenAI-compatible servers omit [DONE]), otherwise the answer was cut short."""

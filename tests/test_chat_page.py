@@ -112,6 +112,45 @@ async def test_a_reload_during_an_answer_resumes_it_exactly(start_gateway, mock_
     assert await generations(mock_model, text) == 1
 
 
+async def test_a_resumed_answer_comes_back_after_a_network_break_too(start_gateway, mock_model, relay, browser):
+    """After a reload the page reads on with GET /v1/streams/<id>; a break of that connection is
+    resumed as well (one Last-Event-ID header, not the old and the new merged)."""
+    mock_model.token_delay = 0.03
+    gateway = start_gateway()
+    network = await relay(gateway.port)
+    page = await open_page(browser, network.url)
+    text = words(150)
+    await ask(page, text, "fetch")
+    await wait_words(page, 20)
+    await page.reload()
+    await ready(page)
+    await wait_words(page, 45)
+    network.break_all()
+    await wait_state(page, "done")
+    assert await shown(page) == text
+    assert await generations(mock_model, text) == 1
+
+
+async def test_a_reload_before_the_stream_is_known_attaches_to_it(start_gateway, mock_model, browser):
+    """The upstream is slow to answer, so the page has no stream id yet when it is reloaded (and
+    a second tab opens): both find the answer by the request's Idempotency-Key, none starts it
+    again, none marks it interrupted."""
+    mock_model.controls = {"mock_head_delay": 6}
+    gateway = start_gateway(heartbeat_interval=10)
+    first = await open_page(browser, gateway.url)
+    text = words(20)
+    await ask(first, text, "fetch")
+    second = await open_page(browser, gateway.url, context=first.context)
+    await second.locator(".message.assistant[data-status=streaming]").wait_for()
+    await first.reload()
+    await ready(first)
+    for page in (first, second):
+        await wait_state(page, "done", timeout=30_000)
+        assert await shown(page) == text
+    assert await generations(mock_model, text) == 1
+    assert await first.locator("[data-status=interrupted]").count() == 0
+
+
 async def test_a_second_tab_follows_the_same_answer(start_gateway, mock_model, browser, caplog):
     mock_model.token_delay = 0.03
     gateway = start_gateway()

@@ -221,3 +221,23 @@ def test_a_responses_request_reserves_its_input_and_its_output_cap():
     assert reserve_for({"input": "x" * 400, "max_output_tokens": 7}) == 100 + 7
     assert reserve_for({"input": [{"role": "user", "content": "y" * 40}], "max_output_tokens": 3}) == 10 + 3
     assert reserve_for({"messages": [{"role": "user", "content": "z" * 8}], "max_tokens": 5}) == 2 + 5
+
+
+def test_a_chat_request_is_reserved_by_its_messages_whatever_else_it_carries():
+    from sse_gateway.limits import reserve_for
+
+    chat = {"messages": [{"role": "user", "content": "z" * 400}], "input": "", "max_tokens": 5}
+    assert reserve_for(chat) == 100 + 5  # an `input` field passed through does not shrink it
+
+
+async def test_the_gateways_caps_hold_for_responses_too(start_gateway, http, mock_model):
+    gateway = start_gateway(max_tokens=100, max_message_size=50, max_messages=2)
+    for payload, code in [
+        ({"model": "mock-echo", "input": "x", "max_output_tokens": 101}, "max_tokens_too_large"),
+        ({"model": "mock-echo", "input": "y" * 51}, "message_too_long"),
+        ({"model": "mock-echo", "input": [{"role": "user", "content": "y" * 51}]}, "message_too_long"),
+        ({"model": "mock-echo", "input": [{"role": "user", "content": "a"}] * 3}, "too_many_messages"),
+    ]:
+        response = await http.post(f"{gateway.url}/v1/responses", json=payload)
+        assert response.status == 400 and (await response.json())["error"]["code"] == code
+    assert not mock_model.requests

@@ -4,7 +4,6 @@ upstreams are real mock models on loopback, each told how to fail."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -134,8 +133,9 @@ async def test_no_fallback_once_a_token_has_come(start_gateway, mocks, http):
 async def test_the_breaker_opens_skips_and_closes_after_a_probe(start_gateway, mocks, http):
     first, second = await mocks(2)
     first.controls = {"mock_error_status": 503}
-    gateway = start_gateway(upstream_url=None, heartbeat_interval=0.5,
-                            upstreams=table([first, second], up0={"max_failures": 2, "cooldown": 1}))
+    gateway = start_gateway(upstream_url=None, upstreams=table([first, second], up0={"max_failures": 2, "cooldown": 30}))
+    now = [1000.0]
+    gateway.services.upstream.clock = lambda: now[0]  # the breaker's time, moved by the test
 
     async def ask(text: str) -> str:
         response = await http.post(f"{gateway.url}/v1/chat/completions", json=body(text, stream=False))
@@ -149,20 +149,36 @@ async def test_the_breaker_opens_skips_and_closes_after_a_probe(start_gateway, m
     assert await ask("three") == "three"
     assert len(first.requests) == 2  # skipped while open: no time lost on it
     first.controls = {}  # it recovers
-    for _ in range(100):  # the cooldown (1 s) passes: half-open
-        if await metric(http, gateway, "sse_upstream_breaker", upstream="up0", state="half-open") == 1:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the breaker never became half-open")
+    now[0] += 29
+    assert await ask("four") == "four" and len(first.requests) == 2  # still open
+    now[0] += 2  # the cooldown is over: half-open
+    assert await metric(http, gateway, "sse_upstream_breaker", upstream="up0", state="half-open") == 1
     assert await ask("probe") == "probe" and first.requests[-1].last_user_text == "probe"  # one probe went
     assert await metric(http, gateway, "sse_upstream_breaker", upstream="up0", state="closed") == 1
     assert await ask("back") == "back" and first.requests[-1].last_user_text == "back"
+    # A failed probe opens it again for a whole cooldown.
+    first.controls = {"mock_error_status": 503}
+    for _ in range(2):
+        await ask("fails")
+    now[0] += 31
+    assert await ask("probe fails") == "probe fails" and first.requests[-1].last_user_text == "probe fails"
+    assert await metric(http, gateway, "sse_upstream_breaker", upstream="up0", state="open") == 1
+
+
+async def test_requests_the_upstream_calls_invalid_are_not_its_failures(start_gateway, mocks, http):
+    first, second = await mocks(2)
+    first.controls = {"mock_error_status": 400}
+    gateway = start_gateway(upstream_url=None, upstreams=table([first, second], up0={"max_failures": 2}))
+    for _ in range(3):
+        response = await http.post(f"{gateway.url}/v1/chat/completions", json=body("bad", stream=False))
+        assert response.status == 400  # the request's fault: the same anywhere, not tried elsewhere
+    assert not second.requests
+    assert await metric(http, gateway, "sse_upstream_breaker", upstream="up0", state="closed") == 1
 
 
 async def test_a_429_is_skipped_for_its_retry_after(start_gateway, mocks, http):
     first, second = await mocks(2)
-    first.controls = {"mock_error_status": 429}  # Retry-After: 1
+    first.controls = {"mock_error_status": 429, "mock_retry_after": 3600}
     gateway = start_gateway(upstream_url=None, upstreams=table([first, second], up0={"max_failures": 10}))
     for text in ("a", "b", "c"):
         response = await http.post(f"{gateway.url}/v1/chat/completions", json=body(text, stream=False))
@@ -195,9 +211,10 @@ async def test_keys_never_cross_upstreams_nor_reach_clients_or_logs(start_gatewa
     assert not any("key-0" in r.getMessage() or "key-1" in r.getMessage() for r in caplog.records)
 
 
-async def test_the_responses_api_falls_back_too(start_gateway, mocks, http):
+@pytest.mark.parametrize("failure", [{"mock_error_status": 502}, {"mock_error_event": True}, {"mock_failed_event": True}])
+async def test_the_responses_api_falls_back_too(start_gateway, mocks, http, failure):
     first, second = await mocks(2)
-    first.controls = {"mock_error_status": 502}
+    first.controls = failure
     gateway = start_gateway(upstream_url=None, upstreams=table([first, second]))
     response = await http.post(f"{gateway.url}/v1/responses", json={"model": "echo", "input": "typed", "stream": True})
     events = await EventReader(response).read_all()

@@ -12,7 +12,7 @@ const RESUME_DELAY_MS = 500;
 
 // An error frame: a failure after the stream started. Its event id tells a resumed stream whose
 // log ends with it (the same id again) from a connection that was merely cut.
-class ErrorFrame extends GatewayError {
+export class ErrorFrame extends GatewayError {
   constructor(error, eventId) {
     super(error.message || "The answer failed.", 0, error.code || null);
     this.eventId = eventId;
@@ -152,7 +152,9 @@ export async function streamAnswer({ start = null, streamId = null, lastEventId 
           await viaEventSource(start.body, start.idempotencyKey, tracked);
         }
       } else {
-        const headers = last ? { "Last-Event-ID": last } : {};
+        // Lower case, the name fetch-event-source itself sets on a reconnect: one header, not two
+        // merged into "<old>, <new>".
+        const headers = last ? { "last-event-id": last } : {};
         await viaFetch(`/v1/streams/${encodeURIComponent(id)}`, { method: "GET", headers }, tracked);
       }
       return;
