@@ -47,7 +47,7 @@ def check_name(param: str, value: Any) -> None:
         raise bad_request(f"'{param}' must not be empty.", param=param, code="empty_string")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -92,9 +92,9 @@ def _is_string_list(value: Any) -> bool:
 _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stream": (lambda v: isinstance(v, bool), "a boolean"),
     "stream_options": (lambda v: isinstance(v, dict), "an object"),
-    "max_tokens": (_is_int, "an integer"),
-    "max_completion_tokens": (_is_int, "an integer"),
-    "n": (_is_int, "an integer"),
+    "max_tokens": (is_int, "an integer"),
+    "max_completion_tokens": (is_int, "an integer"),
+    "n": (is_int, "an integer"),
     "temperature": (_is_number, "a number"),
     "top_p": (_is_number, "a number"),
     "presence_penalty": (_is_number, "a number"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .chat import RequestCaps, check_caps, check_name, invalid_type
+from .chat import RequestCaps, check_caps, check_name, invalid_type, is_int
 from .errors import GatewayError, bad_request, load_json_body
 from .frames import encode_event
 from .upstream import (
@@ -49,10 +49,6 @@ class ResponsesRequest:
     stream: bool
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_responses_request(body: bytes, caps: RequestCaps | None = None) -> ResponsesRequest:
     """A `POST /v1/responses` body, checked for what the gateway relies on and against its caps
     (`input` items as messages, `max_output_tokens` as max_tokens); the rest goes upstream
@@ -76,7 +72,7 @@ def parse_responses_request(body: bytes, caps: RequestCaps | None = None) -> Res
         ("instructions", lambda v: isinstance(v, str), "a string"),
         ("previous_response_id", lambda v: isinstance(v, str) and 0 < len(v) <= 256, "a response id"),
         ("tools", lambda v: isinstance(v, list), "an array"),
-        ("max_output_tokens", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("max_output_tokens", lambda v: is_int(v) and v >= 1, "a positive integer"),
         ("store", lambda v: isinstance(v, bool), "a boolean"),
     ):
         if payload.get(name) is not None and not valid(payload[name]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -41,6 +42,7 @@ import orjson
 from .errors import GatewayError
 from .metrics import Metrics
 from .upstream import ChatStream, Chunk, UpstreamClient, UpstreamError, timed_out
+from .usage import carries_content
 
 log = logging.getLogger("sse_gateway.routing")
 
@@ -49,10 +51,6 @@ log = logging.getLogger("sse_gateway.routing")
 BACKOFF_FIRST = 0.05  # seconds before the third attempt
 BACKOFF_MOST = 0.5
 NOT_RETRIED = frozenset({400, 413, 422})  # the request itself is at fault: the same anywhere
-
-_FIELDS = {"name", "url", "api_key", "models", "priority", "weight", "rename", "connect_timeout", "idle_timeout",
-           "first_token_timeout", "max_failures", "cooldown"}
-
 
 @dataclass(frozen=True)
 class Route:
@@ -126,7 +124,7 @@ def parse_routes(text: str, *, connect_timeout: float = 10.0, idle_timeout: floa
         if name in names:
             raise ValueError(f"entry {index}: the name {name!r} is used twice")
         names.add(name)
-        unknown = set(entry) - _FIELDS
+        unknown = set(entry) - {field.name for field in dataclasses.fields(Route)}
         if unknown:
             raise ValueError(f"upstream {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
         try:
@@ -299,8 +297,6 @@ class Router:
         return await self._attempts(str(payload.get("model")), attempt)
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> ChatStream:
-        from .usage import carries_content
-
         return await self.open_stream("/chat/completions", payload, ChatStream, carries_content)
 
     async def chat(self, payload: dict[str, Any]) -> bytes:
